@@ -1,0 +1,401 @@
+"""data.py: text in, padded tensors out (the data side of PAPER.md Sec. 4 and 6).
+
+- `Vocab`: the joint source/target vocabulary, special tokens first (<pad> <eos> <unk> <bos>).
+- `read_parallel`: a pair of aligned text files, one sentence per line, with clear one-line errors.
+- `BPE`: a from-scratch joint byte-pair-encoding learner and encoder (Sennrich et al. 2016) that writes
+  the "@@ " continuation markers fairseq's preparation scripts produce.
+- `make_batches` / `collate`: token-budget batching (sorted by length, shuffled buckets) and padding.
+- `ToyTask`: the embedded default dataset, generated from a seed. Every source sentence has six valid
+  translations that differ in choices correlated across the whole sentence (a register that picks one
+  of two synonym sets, and an optional opening or closing word that shifts every position), so a NAR
+  model trained on the raw data mixes modes and an AR model does not. It lists all valid translations
+  of a source, for exact evaluation.
+- `load_corpus`: a corpus directory in the fairseq layout (train/valid/test.{src,tgt}), or the toy task.
+"""
+import heapq
+import os
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model import PAD, SPECIALS, UNK
+
+
+class DataError(ValueError):
+    """A problem with the user's data, worded as one line: file, line, problem, what to do."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Vocabulary
+# ------------------------------------------------------------------------------------------------
+class Vocab:
+    def __init__(self, tokens):
+        self.itos = list(tokens)
+        self.stoi = {t: i for i, t in enumerate(self.itos)}
+        if self.itos[:len(SPECIALS)] != SPECIALS:
+            raise DataError(f"a vocabulary must start with {' '.join(SPECIALS)}")
+
+    @classmethod
+    def build(cls, sentences):
+        """Joint vocabulary of the tokenised sentences (source and target together), most frequent first."""
+        counts = Counter(tok for sent in sentences for tok in sent)
+        for special in SPECIALS:
+            counts.pop(special, None)
+        return cls(SPECIALS + [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))])
+
+    def __len__(self):
+        return len(self.itos)
+
+    def encode(self, tokens):
+        return [self.stoi.get(t, UNK) for t in tokens]
+
+    def decode(self, ids):
+        """Ids -> tokens, stopping at nothing: callers pass real tokens only (no PAD/EOS/BOS)."""
+        return [self.itos[i] for i in ids]
+
+    def save(self, path):
+        write_text_atomic(path, "\n".join(self.itos) + "\n")
+
+    @classmethod
+    def load(cls, path):
+        with open(path, encoding="utf-8") as f:
+            return cls(line.rstrip("\n") for line in f)
+
+
+def write_text_atomic(path, text):
+    """Write a text file so that a crash leaves either the old file or the new one, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading parallel text
+# ------------------------------------------------------------------------------------------------
+def read_lines(path):
+    """Lines of a UTF-8 text file; a one-line DataError naming file and line on any problem."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (expected one sentence per line)")
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")
+    if raw and raw[-1] == b"":
+        raw.pop()                                     # the newline that ends the last line
+    lines = []
+    for number, line in enumerate(raw, start=1):
+        try:
+            lines.append(line.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}:{number}: not valid UTF-8 (byte {err.start}); "
+                            f"convert the file to UTF-8, e.g. with iconv") from None
+    return lines
+
+
+@dataclass
+class FilterReport:
+    """What `read_parallel` dropped, and why: counted, never silent."""
+    empty: int = 0
+    too_long: int = 0
+
+    def __str__(self):
+        return f"dropped {self.empty} pairs with an empty side and {self.too_long} over the length limit"
+
+
+def read_parallel(src_path, tgt_path, max_len=None):
+    """Aligned (source tokens, target tokens) pairs. Pairs with an empty side, or a side longer than
+    max_len tokens, are dropped and counted in the returned FilterReport; a line-count mismatch is an
+    error, because it means every later pair would be misaligned."""
+    src_lines, tgt_lines = read_lines(src_path), read_lines(tgt_path)
+    if len(src_lines) != len(tgt_lines):
+        raise DataError(f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)}: "
+                        f"source and target must be aligned line by line")
+    pairs, report = [], FilterReport()
+    for src_line, tgt_line in zip(src_lines, tgt_lines):
+        src, tgt = src_line.split(), tgt_line.split()
+        if not src or not tgt:
+            report.empty += 1
+        elif max_len is not None and max(len(src), len(tgt)) > max_len:
+            report.too_long += 1
+        else:
+            pairs.append((src, tgt))
+    return pairs, report
+
+
+# ------------------------------------------------------------------------------------------------
+# Byte-pair encoding (Sennrich et al. 2016), joint over source and target
+# ------------------------------------------------------------------------------------------------
+END = "</w>"      # marks a word's last symbol while learning; shown as the absence of "@@" in text
+
+
+def word_pairs(symbols):
+    return zip(symbols, symbols[1:])
+
+
+def merge_symbols(symbols, pair):
+    """Replace every adjacent occurrence of `pair` in the tuple `symbols` by the joined symbol."""
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return tuple(out)
+
+
+def learn_bpe(word_counts, num_merges):
+    """The `num_merges` most frequent adjacent symbol pairs, merged greedily one after another.
+    Incremental: a pair's count is updated only in the words that contain it, and a lazy max-heap
+    finds the most frequent pair, so 10k merges over IWSLT-sized text take minutes, not hours."""
+    words = [tuple(w[:-1]) + (w[-1] + END,) for w in word_counts]
+    freqs = list(word_counts.values())
+    pair_count, pair_words = Counter(), defaultdict(set)
+    for index, (symbols, freq) in enumerate(zip(words, freqs)):
+        for pair in word_pairs(symbols):
+            pair_count[pair] += freq
+            pair_words[pair].add(index)
+    heap = [(-count, pair) for pair, count in pair_count.items()]
+    heapq.heapify(heap)
+    merges = []
+    while heap and len(merges) < num_merges:
+        neg_count, pair = heapq.heappop(heap)
+        if pair_count.get(pair, 0) != -neg_count:
+            continue                                  # stale entry: the count changed since
+        if -neg_count < 2:
+            break                                     # no pair occurs twice: nothing left to learn
+        merges.append(pair)
+        changed = set()
+        for index in pair_words.pop(pair):
+            old, freq = words[index], freqs[index]
+            new = merge_symbols(old, pair)
+            for p in word_pairs(old):
+                pair_count[p] -= freq
+                changed.add(p)
+            for p in word_pairs(new):
+                pair_count[p] += freq
+                pair_words[p].add(index)
+                changed.add(p)
+            words[index] = new
+        del pair_count[pair]
+        changed.discard(pair)
+        for p in changed:
+            if pair_count[p] > 0:
+                heapq.heappush(heap, (-pair_count[p], p))
+    return merges
+
+
+class BPE:
+    """Encodes words into learned subwords; every subword but a word's last carries "@@"."""
+
+    def __init__(self, merges):
+        self.merges = [tuple(m) for m in merges]
+        self.rank = {pair: i for i, pair in enumerate(self.merges)}
+        self.cache = {}
+
+    @classmethod
+    def learn(cls, sentences, num_merges):
+        return cls(learn_bpe(Counter(w for s in sentences for w in s), num_merges))
+
+    def encode_word(self, word):
+        if word not in self.cache:
+            symbols = tuple(word[:-1]) + (word[-1] + END,)
+            while len(symbols) > 1:                   # apply the earliest-learned merge first
+                pair = min(word_pairs(symbols), key=lambda p: self.rank.get(p, len(self.rank)))
+                if pair not in self.rank:
+                    break
+                symbols = merge_symbols(symbols, pair)
+            pieces = [s + "@@" for s in symbols[:-1]] + [symbols[-1][:-len(END)]]
+            self.cache[word] = [p for p in pieces if p not in ("", "@@")]
+        return self.cache[word]
+
+    def encode(self, tokens):
+        return [piece for word in tokens for piece in self.encode_word(word)]
+
+    def save(self, path):
+        write_text_atomic(path, "".join(f"{a} {b}\n" for a, b in self.merges))
+
+    @classmethod
+    def load(cls, path):
+        merges = []
+        for number, line in enumerate(read_lines(path), start=1):
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise DataError(f"{path}:{number}: expected a merge 'left right', got {line!r}")
+            merges.append(tuple(parts))
+        return cls(merges)
+
+
+def remove_bpe(text):
+    """Undo "@@ " continuation markers: 'wunder@@ bar' -> 'wunderbar'."""
+    return (text + " ").replace("@@ ", "").rstrip()
+
+
+# ------------------------------------------------------------------------------------------------
+# Batching
+# ------------------------------------------------------------------------------------------------
+def make_batches(lengths, max_tokens, rng=None):
+    """Group sentence indices into batches of at most `max_tokens` padded tokens
+    (batch size x longest sentence in it), sorting by length so that little is padding.
+    With `rng` (a random.Random) equal lengths are ordered randomly and the batch order is shuffled,
+    giving different buckets every epoch. A sentence longer than max_tokens gets a batch of its own."""
+    order = list(range(len(lengths)))
+    if rng is not None:
+        rng.shuffle(order)
+    order.sort(key=lambda i: lengths[i])              # stable: shuffled ties stay shuffled
+    batches, current, longest = [], [], 0
+    for i in order:
+        new_longest = max(longest, lengths[i])
+        if current and new_longest * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, new_longest = [], lengths[i]
+        current.append(i)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def pad_batch(seqs, device="cpu"):
+    """List of id lists -> (batch, longest) long tensor, right-padded with PAD."""
+    out = np.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        out[row, :len(seq)] = seq
+    return torch.from_numpy(out).to(device)
+
+
+def collate(pairs, device="cpu"):
+    """[(src ids, tgt ids), ...] -> src (batch, src_len), tgt (batch, tgt_len) on `device`."""
+    return pad_batch([p[0] for p in pairs], device), pad_batch([p[1] for p in pairs], device)
+
+
+# ------------------------------------------------------------------------------------------------
+# The embedded default: a generated translation task with real multi-modality
+# ------------------------------------------------------------------------------------------------
+# (source word, formal English, casual English); a few concepts take two or three target words, as many
+# in both registers, so the target length differs from the source length (it must be predicted) but
+# does not reveal the register.
+TOY_LEXICON = [
+    ("ka", "purchase", "buy"), ("lu", "residence", "home"), ("mo", "automobile", "car"),
+    ("ne", "commence", "start"), ("pi", "assist", "help"), ("ro", "sufficient", "enough"),
+    ("su", "inquire", "ask"), ("ta", "children", "kids"), ("vo", "observe", "see"),
+    ("wi", "require", "need"), ("za", "attempt", "try"), ("bo", "reside", "live"),
+    ("de", "numerous", "many"), ("fi", "obtain", "get"), ("gu", "depart", "leave"),
+    ("ha", "commerce", "trade"), ("ji", "beverage", "drink"), ("ko", "currently", "now"),
+    ("le", "physician", "doctor"), ("ma", "utilize", "use"), ("no", "employment", "work"),
+    ("pe", "inform", "tell"), ("ri", "at once", "right away"), ("sa", "a great deal", "a whole lot"),
+    ("ti", "additionally", "also"), ("ve", "at present", "these days"), ("we", "conclude", "finish"),
+    ("xo", "prior to", "ahead of"), ("yu", "subsequently", "later"), ("zi", "residents", "folks"),
+]
+# The optional framing word: opening or closing, in the register of the sentence.
+TOY_OPENING = {"formal": "furthermore", "casual": "so"}
+TOY_CLOSING = {"formal": "indeed", "casual": "okay"}
+
+
+class ToyTask:
+    """Source sentences are random sequences of 4..10 concept words (no word twice in a row);
+    a translation picks a register (formal / casual synonyms for every word) and a framing
+    (none / an opening word / a closing word), independently and uniformly: 6 valid translations,
+    2 of them as long as the plain one plus one word, so even a known length leaves them ambiguous."""
+
+    REGISTERS = ("formal", "casual")
+    FRAMINGS = ("none", "opening", "closing")
+
+    def __init__(self, min_words=4, max_words=10):
+        self.min_words, self.max_words = min_words, max_words
+        self.lexicon = {src: {"formal": formal, "casual": casual} for src, formal, casual in TOY_LEXICON}
+
+    def sample_source(self, rng):
+        words = []
+        while len(words) < rng.randint(self.min_words, self.max_words) or not words:
+            word = rng.choice(TOY_LEXICON)[0]
+            if not words or word != words[-1]:
+                words.append(word)
+        return words
+
+    def translate(self, src, register, framing):
+        body = " ".join(self.lexicon[w][register] for w in src)
+        if framing == "opening":
+            body = f"{TOY_OPENING[register]} {body}"
+        elif framing == "closing":
+            body = f"{body} {TOY_CLOSING[register]}"
+        return body.split()
+
+    def valid_translations(self, src):
+        """All valid translations of a source (list of words), as strings, in a fixed order."""
+        return [" ".join(self.translate(src, r, f)) for r in self.REGISTERS for f in self.FRAMINGS]
+
+    def sample_pairs(self, n, rng):
+        return [(src, self.translate(src, rng.choice(self.REGISTERS), rng.choice(self.FRAMINGS)))
+                for src in (self.sample_source(rng) for _ in range(n))]
+
+
+@dataclass
+class Corpus:
+    """Token lists of every split, the vocabulary, and (for the toy task) the oracle of valid outputs.
+    `bpe` is set where em-nat learned the subwords itself and applies them to new input."""
+    train: list
+    valid: list
+    test: list
+    vocab: Vocab
+    name: str
+    bpe: BPE = None
+    toy: ToyTask = None
+    is_bpe: bool = False           # targets hold "@@ " subwords, to be removed before BLEU
+
+    def ids(self, split):
+        """Pairs of a split as (source ids, target ids)."""
+        return [(self.vocab.encode(s), self.vocab.encode(t)) for s, t in getattr(self, split)]
+
+
+def make_toy_corpus(seed=1, train_size=6000, valid_size=300, test_size=300):
+    task, rng = ToyTask(), random.Random(seed)
+    train, valid, test = (task.sample_pairs(n, rng) for n in (train_size, valid_size, test_size))
+    vocab = Vocab.build([s for s, _ in train] + [t for _, t in train])
+    return Corpus(train, valid, test, vocab, name=f"toy (seed {seed})", toy=task)
+
+
+def load_corpus_dir(data_dir, src_lang, tgt_lang, bpe_merges, max_len, bpe=None, max_train_pairs=None, log=print):
+    """A corpus directory in the fairseq layout: {train,valid,test}.{src,tgt}. Text that already holds
+    "@@ " markers is used as it is; plain tokenised text gets a joint BPE learned on train (or the
+    given `bpe`, when a run resumes). max_train_pairs keeps only the first pairs of train."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: no such directory (expected train/valid/test.{src_lang}/.{tgt_lang})")
+    paths = {split: (os.path.join(data_dir, f"{split}.{src_lang}"), os.path.join(data_dir, f"{split}.{tgt_lang}"))
+             for split in ("train", "valid", "test")}
+    for split in ("train", "valid"):
+        for path in paths[split]:
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: missing: a corpus directory needs train and valid splits "
+                                f"named {split}.{src_lang} and {split}.{tgt_lang} (--src/--tgt set the suffixes)")
+    splits = {}
+    for split, (src_path, tgt_path) in paths.items():
+        if split == "test" and not os.path.isfile(src_path):
+            splits[split] = []
+            continue
+        # Length filtering waits until after BPE (below); evaluation splits keep every sentence.
+        pairs, report = read_parallel(src_path, tgt_path)
+        if split == "train" and max_train_pairs:
+            pairs = pairs[:max_train_pairs]
+        log(f"{split}: {len(pairs)} pairs from {src_path} ({report})")
+        splits[split] = pairs
+    is_bpe = any("@@" in tok for _, tgt in splits["train"][:1000] for tok in tgt)
+    if not is_bpe and (bpe is not None or bpe_merges > 0):
+        if bpe is None:
+            log(f"learning a joint BPE with {bpe_merges} merges on the training text ...")
+            bpe = BPE.learn([s for s, _ in splits["train"]] + [t for _, t in splits["train"]], bpe_merges)
+        splits = {k: [(bpe.encode(s), bpe.encode(t)) for s, t in v] for k, v in splits.items()}
+        is_bpe = True
+    before = len(splits["train"])
+    splits["train"] = [(s, t) for s, t in splits["train"] if max(len(s), len(t)) <= max_len]
+    log(f"train: dropped {before - len(splits['train'])} pairs longer than {max_len} subwords")
+    vocab = Vocab.build([s for s, _ in splits["train"]] + [t for _, t in splits["train"]])
+    return Corpus(splits["train"], splits["valid"], splits["test"], vocab,
+                  name=os.path.basename(os.path.normpath(data_dir)), bpe=bpe, is_bpe=is_bpe)

@@ -1,0 +1,391 @@
+"""model.py: the two models that the EM loop alternates between (PAPER.md Sec. 1 and 4).
+
+One compact encoder-decoder Transformer with two kinds of decoder:
+
+- kind "ar":  p_AR(y|x)  = prod_t p(y_t | y_<t, x)         causal self-attention, teacher forcing for
+              training, a key/value cache for step-by-step decoding (decode.py's beam search).
+- kind "nar": p_NAR(y|x) = p(T|x) * prod_t p(y_t | x, T)   no causal mask, no target tokens as input:
+              the decoder sees only position embeddings over a placeholder (zero) input, and a length
+              classifier on the encoder predicts T.
+
+Both share the paper's layout (official code, models/nat_modeling.py):
+- one embedding matrix for source, target and output layer (joint vocabulary) plus an output bias;
+- learned position embeddings, scaled like the token embeddings;
+- the source is shifted right by one slot: slot 0 holds no token (a zero vector plus its position) and
+  acts as a summary slot, from which the NAR model predicts the target length;
+- post-layer-norm blocks; the NAR decoder has one layer more than configured;
+- loss = label-smoothed token cross-entropy averaged over target tokens (+ 0.1 x length loss for NAR).
+
+Documented choice: NAR targets carry no <EOS>. The official code puts <EOS> at the last decoder input
+slot and predicts it there, which teaches nothing the padding mask does not already say; here the
+length class T is simply the number of target tokens.
+
+Run `python -m pytest tests/test_model.py` to see the properties this file promises.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Special token ids, in the official code's order (PAPER.md Sec. 4).
+PAD, EOS, UNK, BOS = 0, 1, 2, 3
+SPECIALS = ["<pad>", "<eos>", "<unk>", "<bos>"]
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0
+    kind: str = "ar"              # "ar" (autoregressive) or "nar" (non-autoregressive)
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024
+    enc_layers: int = 5
+    dec_layers: int = 5           # the NAR decoder gets one more (PAPER.md Sec. 4)
+    dropout: float = 0.1
+    max_len: int = 256            # longest source or target in tokens: positions and length classes
+    label_smoothing: float = 0.1
+    length_loss_weight: float = 0.1
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# Named sizes. "iwslt" is the paper's IWSLT14 model (transformer_small); dropout 0.3 is the usual
+# IWSLT14 value (fairseq's transformer_iwslt_de_en), as the paper does not state one.
+PRESETS = {
+    "toy": dict(d_model=64, n_heads=4, d_ff=256, enc_layers=2, dec_layers=2, dropout=0.1, max_len=64),
+    "small": dict(d_model=256, n_heads=4, d_ff=1024, enc_layers=3, dec_layers=3, dropout=0.2, max_len=128),
+    "iwslt": dict(d_model=256, n_heads=4, d_ff=1024, enc_layers=5, dec_layers=5, dropout=0.3, max_len=256),
+    "base": dict(d_model=512, n_heads=8, d_ff=2048, enc_layers=6, dec_layers=6, dropout=0.1, max_len=256),
+}
+
+
+def model_config(preset, vocab_size, kind, **overrides):
+    """The ModelConfig of a named preset, for a vocabulary size and a decoder kind."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(vocab_size=vocab_size, kind=kind, **{**PRESETS[preset], **overrides})
+
+
+class Attention(nn.Module):
+    """Multi-head attention with F.scaled_dot_product_attention and an optional key/value cache."""
+
+    def __init__(self, d_model, n_heads, dropout):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x):  # (batch, len, d_model) -> (batch, heads, len, d_head)
+        b, t, d = x.shape
+        return x.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+
+    def keys_values(self, memory):  # (batch, len, d_model) -> two (batch, heads, len, d_head)
+        k, v = self.kv_proj(memory).chunk(2, dim=-1)
+        return self.split_heads(k), self.split_heads(v)
+
+    def forward(self, x, memory, mask=None, causal=False, cache=None, cache_is_static=False):
+        """x: (batch, q_len, d) queries; memory: (batch, k_len, d) keys/values source.
+        mask: bool, broadcastable to (batch, heads, q_len, k_len), True = may attend.
+        cache: dict holding this layer's "k"/"v"; self-attention appends the new step to it,
+        cross-attention (cache_is_static) computes the encoder's keys/values once and reuses them."""
+        q = self.split_heads(self.q_proj(x))                      # (batch, heads, q_len, d_head)
+        if cache is not None and cache_is_static and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            k, v = self.keys_values(memory)
+            if cache is not None:
+                if not cache_is_static and "k" in cache:
+                    k = torch.cat([cache["k"], k], dim=2)          # (batch, heads, steps, d_head)
+                    v = torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+        # With a cache the single query may see every cached step: no causal mask needed (and SDPA's
+        # is_causal would wrongly align the query with key 0).
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and cache is None,
+            dropout_p=self.dropout if self.training else 0.0)
+        b, h, t, dh = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, h * dh))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d_model, d_ff, dropout):
+        super().__init__(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model))
+
+
+class EncoderLayer(nn.Module):
+    """Post-layer-norm block: x = LN(x + Drop(SelfAttn(x))); x = LN(x + Drop(FFN(x)))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask):
+        x = self.norm1(x + self.drop(self.self_attn(x, x, mask)))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention (causal for AR, padding-masked for NAR), encoder attention, feed-forward."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.cross_attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, enc, enc_mask, self_mask=None, causal=False, cache=None):
+        self_cache = cache["self"] if cache is not None else None
+        cross_cache = cache["cross"] if cache is not None else None
+        x = self.norm1(x + self.drop(self.self_attn(x, x, self_mask, causal=causal, cache=self_cache)))
+        x = self.norm2(x + self.drop(self.cross_attn(x, enc, enc_mask, cache=cross_cache, cache_is_static=True)))
+        return self.norm3(x + self.drop(self.ffn(x)))
+
+
+def padding_mask(lengths, max_len):
+    """(batch,) lengths -> (batch, max_len) bool, True at real positions."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def attention_mask(keep):
+    """(batch, k_len) bool -> (batch, 1, 1, k_len): every query may attend to the real keys only."""
+    return keep[:, None, None, :]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.kind not in ("ar", "nar"):
+            raise ValueError(f"model kind must be 'ar' or 'nar', not {cfg.kind!r}")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed = nn.Embedding(cfg.vocab_size, d)                # shared: source, target, output
+        self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.src_pos = nn.Embedding(cfg.max_len + 1, d)             # +1: the summary slot 0
+        self.tgt_pos = nn.Embedding(cfg.max_len + 1, d)             # +1: AR's <bos> / <eos> step
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        n_dec = cfg.dec_layers + (1 if cfg.kind == "nar" else 0)
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(n_dec))
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.kind == "nar":
+            # Length classes 0..max_len; logits = W h_0 from the summary slot (PAPER.md Sec. 4).
+            self.length_head = nn.Linear(d, cfg.max_len + 1, bias=False)
+        for emb in (self.embed, self.src_pos, self.tgt_pos):
+            nn.init.normal_(emb.weight, std=d ** -0.5)               # x sqrt(d) below: unit scale
+
+    # ----- shared pieces -------------------------------------------------------------------------
+    def embed_scaled(self, tokens):  # (batch, len) -> (batch, len, d)
+        return self.embed(tokens) * math.sqrt(self.cfg.d_model)
+
+    def output_logits(self, h):  # (batch, len, d) -> (batch, len, vocab), tied to the embedding
+        return F.linear(h, self.embed.weight, self.out_bias)
+
+    def encode(self, src):
+        """src: (batch, src_len) token ids, right-padded with PAD.
+        Returns enc (batch, src_len + 1, d) and its key mask (batch, src_len + 1), slot 0 first."""
+        b, s = src.shape
+        if s + 1 > self.src_pos.num_embeddings:
+            raise ValueError(f"source of {s} tokens is longer than the model's max_len {self.cfg.max_len}")
+        tokens = self.embed_scaled(src)                                     # (batch, src_len, d)
+        x = torch.cat([tokens.new_zeros(b, 1, self.cfg.d_model), tokens], dim=1)
+        pos = torch.arange(s + 1, device=src.device)
+        x = self.drop(x + self.src_pos(pos) * math.sqrt(self.cfg.d_model))  # (batch, src_len+1, d)
+        keep = torch.cat([src.new_ones(b, 1, dtype=torch.bool), src != PAD], dim=1)
+        mask = attention_mask(keep)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return x, keep
+
+    # ----- AR decoder ----------------------------------------------------------------------------
+    def ar_inputs_outputs(self, tgt):
+        """Teacher forcing: inputs <bos> y_1..y_n, outputs y_1..y_n <eos> (batch, tgt_len + 1)."""
+        lengths = (tgt != PAD).sum(1)
+        dec_in = F.pad(tgt, (1, 0), value=BOS)
+        dec_out = F.pad(tgt, (0, 1), value=PAD).scatter(1, lengths[:, None], EOS)
+        return dec_in, dec_out
+
+    def ar_logits(self, dec_in, enc, enc_keep):
+        """Full teacher-forced pass. dec_in: (batch, t) -> logits (batch, t, vocab)."""
+        t = dec_in.size(1)
+        pos = torch.arange(t, device=dec_in.device)
+        x = self.drop(self.embed_scaled(dec_in) + self.tgt_pos(pos) * math.sqrt(self.cfg.d_model))
+        # Causal masking alone suffices: targets are right-padded, so no real position sees padding.
+        enc_mask = attention_mask(enc_keep)
+        for layer in self.decoder:
+            x = layer(x, enc, enc_mask, causal=True)
+        return self.output_logits(x)
+
+    def new_cache(self):
+        """Per-layer key/value cache for step-by-step AR decoding."""
+        return [{"self": {}, "cross": {}} for _ in self.decoder]
+
+    def ar_step(self, token, step, enc, enc_keep, cache):
+        """One decoding step. token: (batch,) last output; step: its position (int).
+        Returns logits (batch, vocab) for the next token; `cache` grows by one step."""
+        pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)
+        x = self.embed_scaled(token[:, None]) + pos                      # (batch, 1, d)
+        enc_mask = attention_mask(enc_keep)
+        for layer, layer_cache in zip(self.decoder, cache):
+            x = layer(x, enc, enc_mask, cache=layer_cache)
+        return self.output_logits(x)[:, 0]
+
+    @staticmethod
+    def reorder_cache(cache, index):
+        """Beam search: keep the self-attention cache rows of the surviving hypotheses.
+        index: (batch * beam,) rows to keep. Cross-attention caches are identical across the beams of
+        one sentence and a beam only ever inherits from its own sentence, so they stay as they are."""
+        for layer_cache in cache:
+            for key in ("k", "v"):
+                layer_cache["self"][key] = layer_cache["self"][key].index_select(0, index)
+
+    # ----- NAR decoder ---------------------------------------------------------------------------
+    def length_logits(self, enc):
+        """(batch, src_len+1, d) -> (batch, max_len+1) logits over target lengths, from slot 0."""
+        return self.length_head(enc[:, 0])
+
+    def nar_logits(self, lengths, enc, enc_keep, max_tgt_len=None):
+        """All target positions at once. lengths: (batch,) target lengths T.
+        The decoder input holds no target token: a zero placeholder plus position embeddings,
+        so the output cannot depend on the target (PAPER.md Sec. 4). Returns (batch, t, vocab)."""
+        t = int(lengths.max()) if max_tgt_len is None else max_tgt_len
+        keep = padding_mask(lengths, t)                                   # (batch, t)
+        pos = self.tgt_pos(torch.arange(t, device=lengths.device)) * math.sqrt(self.cfg.d_model)
+        x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[..., None])  # (batch, t, d)
+        enc_mask, self_mask = attention_mask(enc_keep), attention_mask(keep)
+        for layer in self.decoder:
+            x = layer(x, enc, enc_mask, self_mask=self_mask)
+        return self.output_logits(x)
+
+    # ----- losses and scores ---------------------------------------------------------------------
+    def forward(self, src, tgt):
+        """Training loss for a batch. src: (batch, src_len), tgt: (batch, tgt_len), PAD-padded.
+        Returns (loss averaged over target tokens, number of target tokens)."""
+        enc, enc_keep = self.encode(src)
+        eps = self.cfg.label_smoothing
+        if self.cfg.kind == "ar":
+            dec_in, dec_out = self.ar_inputs_outputs(tgt)
+            logits = self.ar_logits(dec_in, enc, enc_keep)                # (batch, t+1, vocab)
+            n_tokens = (dec_out != PAD).sum()
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), dec_out.flatten(), ignore_index=PAD,
+                                   label_smoothing=eps, reduction="sum") / n_tokens
+            return loss, n_tokens
+        lengths = (tgt != PAD).sum(1)                                     # (batch,)
+        logits = self.nar_logits(lengths, enc, enc_keep, max_tgt_len=tgt.size(1))  # (batch, t, vocab)
+        n_tokens = lengths.sum()
+        token_loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=PAD,
+                                     label_smoothing=eps, reduction="sum") / n_tokens
+        return token_loss + self.cfg.length_loss_weight * self.length_loss(enc, lengths), n_tokens
+
+    def length_loss(self, enc, lengths):
+        """Label-smoothed cross-entropy of the true target lengths (batch,) under the length classifier."""
+        return F.cross_entropy(self.length_logits(enc).float(), lengths, label_smoothing=self.cfg.label_smoothing)
+
+    @torch.no_grad()
+    def score(self, src, tgt):
+        """Sentence log-likelihoods (batch,), no label smoothing, summed over tokens.
+        AR:  log p(y <eos> | x).
+        NAR: log p(T|x) + sum_t log p(y_t|x,T), with special tokens masked out of the output
+             (official score_nat.py). Not length-normalised: this is the score the EM selection uses."""
+        enc, enc_keep = self.encode(src)
+        if self.cfg.kind == "ar":
+            dec_in, dec_out = self.ar_inputs_outputs(tgt)
+            logp = ar_log_probs(self.ar_logits(dec_in, enc, enc_keep))
+            tok = logp.gather(-1, dec_out[..., None]).squeeze(-1)          # (batch, t+1)
+            return tok.masked_fill(dec_out == PAD, 0.0).sum(1)
+        lengths = (tgt != PAD).sum(1)
+        logp = nar_log_probs(self.nar_logits(lengths, enc, enc_keep, max_tgt_len=tgt.size(1)))
+        tok = logp.gather(-1, tgt[..., None]).squeeze(-1).masked_fill(tgt == PAD, 0.0)
+        len_logp = self.length_logits(enc).float().log_softmax(-1).gather(1, lengths[:, None]).squeeze(1)
+        return len_logp + tok.sum(1)
+
+
+def ar_log_probs(logits):
+    """Log-probabilities of AR outputs with <pad> and <bos> masked out: decoding never emits them,
+    so scoring a sentence (rescoring, tests) uses the same distribution as beam search.
+    (..., vocab) -> float32 (..., vocab)."""
+    logits = logits.float().clone()
+    logits[..., [PAD, BOS]] = float("-inf")
+    return logits.log_softmax(-1)
+
+
+def nar_log_probs(logits):
+    """Log-probabilities of NAR outputs with <pad>, <eos> and <bos> masked out: the NAR model never
+    emits them (its targets hold real tokens only). (..., vocab) -> float32 (..., vocab)."""
+    logits = logits.float().clone()
+    logits[..., [PAD, EOS, BOS]] = float("-inf")
+    return logits.log_softmax(-1)
+
+
+def build_model(cfg: ModelConfig, device="cpu"):
+    return Transformer(cfg).to(device)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----- checkpoints: a plain state dict plus config JSON, each written atomically ----------------------
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, worded as one line saying which file and why."""
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same directory, then rename: a kill during the save
+    leaves the previous file (or none), never a truncated one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, directory, **meta):
+    """directory/config.json (model config + `meta`) and directory/model.pt (state dict)."""
+    os.makedirs(directory, exist_ok=True)
+    config = {"model": model.cfg.to_dict(), **meta}
+    tmp = os.path.join(directory, f"config.json.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(tmp, os.path.join(directory, "config.json"))
+    save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(directory, "model.pt"))
+
+
+def read_config(directory):
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+        known = {f.name for f in fields(ModelConfig)}
+        return ModelConfig(**{k: v for k, v in config["model"].items() if k in known}), config
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; a checkpoint directory holds config.json and model.pt") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: not an em-nat checkpoint config ({err})") from None
+
+
+def load_checkpoint(directory, device="cpu"):
+    """The model saved in `directory` (eval mode) and its config dict."""
+    cfg, config = read_config(directory)
+    path = os.path.join(directory, "model.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; was the run interrupted before this stage finished?") from None
+    except Exception as err:  # torch reports truncation and foreign formats with many exception types
+        raise CheckpointError(f"{path}: unreadable, truncated or not a PyTorch state dict ({type(err).__name__}); "
+                              f"delete the directory to retrain this stage") from None
+    model = Transformer(cfg)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: weights do not fit the config in config.json ({first})") from None
+    return model.to(device).eval(), config

@@ -1,0 +1,5 @@
+"""Tests import the flat top-level modules (model.py, data.py, ...) from the repository root."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

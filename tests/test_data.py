@@ -1,0 +1,120 @@
+"""data.py: batching, BPE, reading files with clear errors, and the toy task's oracle."""
+import random
+
+import pytest
+
+from data import (BPE, DataError, ToyTask, Vocab, learn_bpe, load_corpus_dir, make_batches, make_toy_corpus,
+                  read_parallel, remove_bpe)
+from model import SPECIALS, UNK
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_batches_respect_the_budget_and_lose_no_sentence(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 60) for _ in range(2000)]
+    for shuffle in (None, random.Random(seed)):
+        batches = make_batches(lengths, 256, shuffle)
+        flat = sorted(i for batch in batches for i in batch)
+        assert flat == list(range(len(lengths)))                 # every sentence exactly once
+        for batch in batches:
+            assert len(batch) * max(lengths[i] for i in batch) <= 256
+
+
+def test_an_over_budget_sentence_gets_a_batch_of_its_own():
+    batches = make_batches([3, 500, 4, 5], 64)
+    assert [1] in batches and sorted(i for b in batches for i in b) == [0, 1, 2, 3]
+
+
+def test_shuffled_batches_differ_between_epochs_but_are_reproducible():
+    lengths = [random.Random(1).randint(1, 30) for _ in range(500)]
+    a = make_batches(lengths, 128, random.Random(1))
+    assert a == make_batches(lengths, 128, random.Random(1))
+    assert a != make_batches(lengths, 128, random.Random(2))
+
+
+def test_bpe_learns_the_classic_merges():
+    # Sennrich et al. (2016), Fig. 1: low x5, lower x2, newest x6, widest x3.
+    counts = {"low": 5, "lower": 2, "newest": 6, "widest": 3}
+    assert learn_bpe(counts, 4) == [("e", "s"), ("es", "t</w>"), ("l", "o"), ("lo", "w")]
+
+
+def test_bpe_encoding_then_removal_restores_the_text():
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 9))) for _ in range(300)]
+    sentences = [[rng.choice(words) for _ in range(rng.randint(1, 12))] for _ in range(400)]
+    bpe = BPE.learn(sentences, 200)
+    assert len(bpe.merges) == 200
+    unseen = [["zebra", "a", "hgfedcba", "x"]]
+    for sent in sentences + unseen:
+        pieces = bpe.encode(sent)
+        assert remove_bpe(" ".join(pieces)) == " ".join(sent)
+    assert len(bpe.encode(sentences[0])) < sum(len(w) for w in sentences[0])  # it does compress
+
+
+def test_bpe_saves_and_loads(tmp_path):
+    bpe = BPE.learn([["hello", "world", "hello"]], 5)
+    bpe.save(tmp_path / "codes")
+    assert BPE.load(tmp_path / "codes").merges == bpe.merges
+
+
+def test_vocab_round_trip_and_unknown_words(tmp_path):
+    vocab = Vocab.build([["b", "a", "b"], ["c"]])
+    assert vocab.itos[:4] == SPECIALS and vocab.itos[4] == "b"
+    assert vocab.encode(["a", "zzz"]) == [vocab.stoi["a"], UNK]
+    vocab.save(tmp_path / "v.txt")
+    assert Vocab.load(tmp_path / "v.txt").itos == vocab.itos
+
+
+def write(path, text, mode="w"):
+    with open(path, mode) as f:
+        f.write(text)
+    return str(path)
+
+
+def test_mismatched_line_counts_name_both_files(tmp_path):
+    src, tgt = write(tmp_path / "a.de", "a\nb\nc\n"), write(tmp_path / "a.en", "x\ny\n")
+    with pytest.raises(DataError, match=r"a\.de has 3 lines but .*a\.en has 2"):
+        read_parallel(src, tgt)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    src = write(tmp_path / "b.de", b"ok\nfine\nbad \xff byte\n", "wb")
+    tgt = write(tmp_path / "b.en", "1\n2\n3\n")
+    with pytest.raises(DataError, match=r"b\.de:3: not valid UTF-8"):
+        read_parallel(src, tgt)
+
+
+def test_missing_file_and_missing_split(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        read_parallel(str(tmp_path / "nope.de"), str(tmp_path / "nope.en"))
+    write(tmp_path / "valid.de", "a\n")
+    write(tmp_path / "valid.en", "b\n")
+    with pytest.raises(DataError, match=r"train\.de: missing"):
+        load_corpus_dir(str(tmp_path), "de", "en", 0, 50, log=lambda *_: None)
+
+
+def test_empty_and_overlong_pairs_are_dropped_and_counted(tmp_path):
+    src = write(tmp_path / "c.de", "a b\n\nc d e f g\nh\n")
+    tgt = write(tmp_path / "c.en", "x\ny\nz\n \n")
+    pairs, report = read_parallel(src, tgt, max_len=4)
+    assert pairs == [(["a", "b"], ["x"])]
+    assert (report.empty, report.too_long) == (2, 1)
+
+
+def test_toy_task_lists_six_valid_translations_without_repeats():
+    task, rng = ToyTask(), random.Random(0)
+    for src, tgt in task.sample_pairs(200, rng):
+        valid = task.valid_translations(src)
+        assert len(set(valid)) == 6
+        assert " ".join(tgt) in valid
+        for sentence in valid:
+            words = sentence.split()
+            assert all(a != b for a, b in zip(words, words[1:]))
+        lengths = sorted(len(v.split()) for v in valid)
+        assert lengths[2:] == [lengths[2]] * 4 and lengths[0] == lengths[1] == lengths[2] - 1
+
+
+def test_toy_corpus_is_reproducible_from_its_seed():
+    a, b = make_toy_corpus(seed=3, train_size=50), make_toy_corpus(seed=3, train_size=50)
+    assert a.train == b.train and a.vocab.itos == b.vocab.itos
+    assert make_toy_corpus(seed=4, train_size=50).train != a.train

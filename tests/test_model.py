@@ -1,0 +1,134 @@
+"""Properties of model.py checked against known answers: masks, the cache, NAR independence from the
+target, the length classifier, and a small learning test."""
+import math
+import random
+
+import torch
+
+from data import make_batches, collate
+from decode import ar_greedy
+from model import BOS, EOS, PAD, ModelConfig, Transformer, ar_log_probs
+from train import TrainConfig, train_model
+
+torch.set_num_threads(2)
+
+
+def tiny(kind, **kw):
+    cfg = dict(vocab_size=20, kind=kind, d_model=32, n_heads=4, d_ff=64, enc_layers=2, dec_layers=2,
+               dropout=0.0, max_len=16)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**cfg)).eval()
+
+
+def random_batch(b=3, s=6, t=5, vocab=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab, (b, s), generator=g)
+    tgt = torch.randint(4, vocab, (b, t), generator=g)
+    src[0, 4:] = PAD                                           # ragged lengths
+    tgt[1, 3:] = PAD
+    return src, tgt
+
+
+def test_encoder_ignores_padding():
+    model = tiny("ar")
+    src, _ = random_batch()
+    enc, keep = model.encode(src)
+    more_pad = torch.cat([src, torch.full((3, 4), PAD)], dim=1)
+    enc2, _ = model.encode(more_pad)
+    assert torch.allclose(enc[keep], enc2[:, :enc.size(1)][keep], atol=1e-5)
+    changed = src.clone()
+    changed[0, 4:] = 7                                         # garbage under... no: real tokens now
+    assert not torch.allclose(model.encode(changed)[0][0, :5], enc[0, :5], atol=1e-4)
+
+
+def test_ar_decoder_never_sees_the_future():
+    model = tiny("ar")
+    src, tgt = random_batch()
+    enc, keep = model.encode(src)
+    dec_in, _ = model.ar_inputs_outputs(tgt)
+    logits = model.ar_logits(dec_in, enc, keep)
+    future = dec_in.clone()
+    future[:, 3:] = 9                                          # change positions 3.. only
+    logits2 = model.ar_logits(future, enc, keep)
+    assert torch.allclose(logits[:, :3], logits2[:, :3], atol=1e-5)
+    assert not torch.allclose(logits[:, 3:], logits2[:, 3:], atol=1e-3)
+
+
+def test_cached_step_decoding_equals_teacher_forcing():
+    model = tiny("ar")
+    src, tgt = random_batch()
+    enc, keep = model.encode(src)
+    dec_in, _ = model.ar_inputs_outputs(tgt)
+    full = ar_log_probs(model.ar_logits(dec_in, enc, keep))   # (batch, t+1, vocab)
+    cache = model.new_cache()
+    steps = [ar_log_probs(model.ar_step(dec_in[:, i], i, enc, keep, cache)) for i in range(dec_in.size(1))]
+    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
+
+
+def test_nar_decoder_output_does_not_depend_on_target_tokens():
+    model = tiny("nar")
+    src, tgt = random_batch()
+    outputs = []
+    model.decoder[-1].register_forward_hook(lambda mod, inp, out: outputs.append(out))
+    other = torch.where(tgt != PAD, (tgt + 5) % 16 + 4, tgt)   # same lengths, other tokens
+    model(src, tgt)
+    model(src, other)
+    assert not torch.equal(tgt, other)
+    assert torch.equal(outputs[0], outputs[1])
+    longer = tgt.clone()
+    longer[1, 3] = 5                                           # one more token: the output must change
+    model(src, longer)
+    assert not torch.allclose(outputs[0][1], outputs[2][1])
+
+
+def test_nar_self_attention_ignores_positions_past_the_length():
+    model = tiny("nar")
+    src, _ = random_batch()
+    enc, keep = model.encode(src)
+    lengths = torch.tensor([3, 4, 5])
+    short = model.nar_logits(lengths, enc, keep, max_tgt_len=5)
+    padded = model.nar_logits(lengths, enc, keep, max_tgt_len=9)
+    real = torch.arange(5)[None] < lengths[:, None]
+    assert torch.allclose(short[real], padded[:, :5][real], atol=1e-5)
+
+
+def test_length_classifier_loss_and_argmax_known_answer():
+    # With no encoder layers, slot 0 of the encoder output is exactly its scaled position embedding,
+    # so a hand-set classifier gives known logits: 5 for length 7, 0 for every other length.
+    model = tiny("nar", enc_layers=0, label_smoothing=0.1)
+    h0 = model.src_pos.weight[0] * math.sqrt(model.cfg.d_model)
+    with torch.no_grad():
+        model.length_head.weight.zero_()
+        model.length_head.weight[7] = 5 * h0 / h0.dot(h0)
+    src, _ = random_batch()
+    enc, _ = model.encode(src)
+    assert model.length_logits(enc).argmax(-1).tolist() == [7, 7, 7]
+    classes = model.cfg.max_len + 1
+    log_z = math.log(math.exp(5) + classes - 1)
+    log_p7, log_p_other = 5 - log_z, -log_z
+    for true_len, expected in [(7, None), (3, None)]:
+        mean_logp = (log_p7 + (classes - 1) * log_p_other) / classes
+        logp_true = log_p7 if true_len == 7 else log_p_other
+        expected = -(0.9 * logp_true + 0.1 * mean_logp)
+        loss = model.length_loss(enc, torch.full((3,), true_len))
+        assert abs(float(loss) - expected) < 1e-5
+
+
+def test_ar_learns_to_reverse_sequences(tmp_path):
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(3000):
+        seq = [rng.randint(4, 13) for _ in range(rng.randint(2, 6))]
+        pairs.append((seq, seq[::-1]))
+    train, valid = pairs[:2800], pairs[2800:]
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=14, kind="ar", d_model=64, n_heads=4, d_ff=128, enc_layers=2,
+                                    dec_layers=2, dropout=0.0, max_len=16, label_smoothing=0.0))
+    cfg = TrainConfig(lr=3e-3, warmup=100, max_tokens=1024, ar_steps=500, valid_every=250)
+    model, _ = train_model(model, train, valid, cfg, str(tmp_path / "reverse"))
+    src, tgt = collate(valid)
+    out = ar_greedy(model, src)
+    exact = sum(o[:len(t)] == t and all(x == PAD for x in o[len(t):])
+                for o, (_, t) in zip(out.tolist(), valid))
+    assert exact / len(valid) > 0.95

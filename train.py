@@ -1,0 +1,272 @@
+"""train.py: the training loop shared by the AR and the NAR model, and the one command of em-nat.
+
+    python train.py                                   # the whole EM pipeline on the embedded toy task
+    python train.py --data-dir DIR --preset iwslt     # the same on IWSLT14 De-En (fairseq layout)
+    python train.py --benchmark                       # training and N-best throughput on real data
+
+The loop (PAPER.md Sec. 4, "Training"): AdamW (weight decay not on layer norms and biases), the
+inverse-square-root warm-up schedule, gradient clipping, token-budget batches, periodic validation,
+the best checkpoint kept as a plain state dict plus config JSON. A stage's loop can be stopped at
+any time (Ctrl-C) and resumes where it stopped with the same result; em_nat.py runs the stages.
+"""
+import argparse
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, asdict
+
+import torch
+from tqdm import tqdm
+
+from data import collate, make_batches
+from model import count_parameters, save_atomic, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3              # peak learning rate, reached after `warmup` steps
+    warmup: int = 4000
+    max_tokens: int = 4096        # token budget of one batch (padded source or target tokens)
+    ar_steps: int = 60000         # optimizer steps per AR model
+    nar_steps: int = 200000       # per NAR model (the paper trains NAR ~3x longer)
+    clip: float = 1.0
+    weight_decay: float = 1e-4
+    valid_every: int = 1000
+    seed: int = 1
+    device: str = "cpu"
+
+    def steps_for(self, kind):
+        return self.ar_steps if kind == "ar" else self.nar_steps
+
+
+# Training defaults per model preset. "toy" finishes the whole EM pipeline in minutes on a laptop CPU;
+# "iwslt" is the paper's IWSLT14 schedule in steps (its batches are ~35k tokens on TPU: scale with
+# --max-tokens / --ar-steps on a single GPU).
+TRAIN_PRESETS = {
+    "toy": dict(lr=3e-3, warmup=200, max_tokens=2048, ar_steps=1200, nar_steps=1500, valid_every=300),
+    "small": dict(lr=1e-3, warmup=1000, max_tokens=4096, ar_steps=6000, nar_steps=8000, valid_every=500),
+    "iwslt": dict(lr=1e-3, warmup=4000, max_tokens=8192, ar_steps=60000, nar_steps=200000, valid_every=2000),
+    "base": dict(lr=7e-4, warmup=4000, max_tokens=8192, ar_steps=100000, nar_steps=300000, valid_every=2000),
+}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to change."""
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slow, MPS support varies)."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
+
+
+def make_optimizer(model, cfg):
+    """AdamW; no weight decay on biases and layer-norm weights (PAPER.md Sec. 4)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
+
+
+def inverse_sqrt(warmup):
+    """lr multiplier: linear warm-up to 1 at `warmup` steps, then (warmup / step)^0.5."""
+    return lambda step: min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
+
+
+@contextmanager
+def graceful_interrupt():
+    """The first Ctrl-C only raises a flag that the loop checks between steps (so it can save and
+    leave cleanly); a second Ctrl-C stops at once."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        print("\nstopping after this step (Ctrl-C again to stop at once) ...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@torch.no_grad()
+def validation_loss(model, pairs, cfg):
+    """Mean label-smoothed loss per target token over `pairs` (ids)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    with autocast_for(cfg.device):
+        for batch in make_batches([max(len(s), len(t)) + 1 for s, t in pairs], cfg.max_tokens):
+            src, tgt = collate([pairs[i] for i in batch], cfg.device)
+            loss, n = model(src, tgt)
+            total += float(loss) * int(n)
+            tokens += int(n)
+    model.train()
+    return total / max(tokens, 1)
+
+
+def save_resume_state(path, model, optimizer, scheduler, position):
+    """Everything needed to continue a stage's loop exactly where it stopped."""
+    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "position": position,
+                 "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, path)
+
+
+def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc="train", meta=None):
+    """Train `model` on id pairs; keep the best model (lowest validation loss) in out_dir as
+    model.pt + config.json and return the model with those weights and a summary dict.
+    out_dir/resume.pt holds the loop's state at every validation and at Ctrl-C: a later call with the
+    same out_dir continues from it and reaches the same weights as an uninterrupted run."""
+    os.makedirs(out_dir, exist_ok=True)
+    steps = cfg.steps_for(model.cfg.kind)
+    resume_path = os.path.join(out_dir, "resume.pt")
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt(cfg.warmup))
+    position = {"step": 0, "epoch": 0, "batch": 0, "best": float("inf"), "tokens": 0, "seconds": 0.0}
+    if os.path.isfile(resume_path):
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        position = state["position"]
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        print(f"{desc}: resuming at step {position['step']} of {steps}")
+    lengths = [max(len(s), len(t)) + 1 for s, t in train_pairs]    # +1: <bos>/<eos> or the summary slot
+    meta = dict(meta or {}, train=asdict(cfg))
+    model.train()
+    bar = tqdm(total=steps, initial=position["step"], desc=desc, leave=False, dynamic_ncols=True)
+    with graceful_interrupt() as interrupt:
+        while position["step"] < steps:
+            batches = make_batches(lengths, cfg.max_tokens, random.Random(cfg.seed * 100003 + position["epoch"]))
+            for batch in batches[position["batch"]:]:
+                start = time.perf_counter()
+                src, tgt = collate([train_pairs[i] for i in batch], cfg.device)
+                try:
+                    with autocast_for(cfg.device):
+                        loss, n_tokens = model(src, tgt)
+                    loss.backward()
+                except torch.OutOfMemoryError:
+                    raise TrainingError(f"{desc}: out of memory on a batch of {tgt.numel()} target tokens; "
+                                        f"lower --max-tokens (now {cfg.max_tokens})") from None
+                loss_value = float(loss)
+                if not math.isfinite(loss_value):
+                    raise TrainingError(f"{desc}: the loss became {loss_value} at step {position['step'] + 1}; "
+                                        f"the last good weights are in {out_dir}; lower --lr (now {cfg.lr}) "
+                                        f"and run again")
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                position["step"] += 1
+                position["batch"] += 1
+                position["tokens"] += int(n_tokens)
+                position["seconds"] += time.perf_counter() - start
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{position['tokens'] / position['seconds']:.0f}")
+                done = position["step"] >= steps
+                if done or position["step"] % cfg.valid_every == 0:
+                    valid = validation_loss(model, valid_pairs, cfg)
+                    if valid < position["best"]:
+                        position["best"] = valid
+                        save_checkpoint(model, out_dir, **meta)
+                    bar.write(f"{desc}: step {position['step']}  train loss {loss_value:.3f}  "
+                              f"valid loss {valid:.3f}  best {position['best']:.3f}")
+                if done or interrupt["stop"] or position["step"] % cfg.valid_every == 0:
+                    save_resume_state(resume_path, model, optimizer, scheduler, position)
+                if interrupt["stop"]:
+                    bar.close()
+                    sys.exit(f"stopped at step {position['step']} of {desc}; run the same command again to resume")
+                if done:
+                    break
+            else:
+                position["epoch"] += 1
+                position["batch"] = 0
+    bar.close()
+    best_state = torch.load(os.path.join(out_dir, "model.pt"), map_location=cfg.device, weights_only=True)
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, {"steps": position["step"], "valid_loss": position["best"],
+                   "tokens_per_s": position["tokens"] / max(position["seconds"], 1e-9),
+                   "parameters": count_parameters(model)}
+
+
+def build_parser():
+    from model import PRESETS
+    p = argparse.ArgumentParser(
+        description="Run the whole EM pipeline of Sun & Yang (2020): AR model, NAR on raw data, NAR after "
+                    "knowledge distillation, then EM iterations; prints one table of results per stage. "
+                    "With no arguments it runs on the embedded toy task in a few minutes on a CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", help="corpus directory in the fairseq layout (train/valid/test.SRC/.TGT); "
+                                      "default: the embedded toy task, generated from --seed")
+    d.add_argument("--src", default="de", help="source language suffix")
+    d.add_argument("--tgt", default="en", help="target language suffix")
+    d.add_argument("--bpe-merges", type=int, default=10000,
+                   help="joint BPE merges learned on plain text (0: use the text as it is)")
+    d.add_argument("--max-train-pairs", type=int, help="use only the first N training pairs")
+    d.add_argument("--toy-train-size", type=int, default=6000, help="training pairs of the toy task")
+    m = p.add_argument_group("model and training")
+    m.add_argument("--preset", choices=sorted(PRESETS), help="model size (default: toy on the toy task, "
+                                                           "iwslt with --data-dir)")
+    m.add_argument("--max-len", type=int, help="longest sentence in subwords (positions, length classes); "
+                                               "longer training pairs are dropped")
+    m.add_argument("--ar-steps", type=int, help="optimizer steps per AR model")
+    m.add_argument("--nar-steps", type=int, help="optimizer steps per NAR model")
+    m.add_argument("--max-tokens", type=int, help="token budget of a batch")
+    m.add_argument("--lr", type=float, help="peak learning rate")
+    m.add_argument("--warmup", type=int, help="warm-up steps")
+    m.add_argument("--valid-every", type=int, help="steps between validations")
+    e = p.add_argument_group("EM loop and decoding")
+    e.add_argument("--em-iterations", type=int, default=2, help="EM iterations after distillation")
+    e.add_argument("--candidates", type=int, default=20, help="AR N-best candidates per source (E-step)")
+    e.add_argument("--kd-beam", type=int, default=5, help="beam of the AR outputs that train NAR models")
+    e.add_argument("--em-init", choices=["scratch", "warm"], default="scratch",
+                   help="each EM iteration's models start from scratch or from the previous iteration's")
+    e.add_argument("--beam", type=int, default=5, help="AR beam size when evaluating")
+    e.add_argument("--alpha", type=float, default=1.0, help="length penalty exponent (paper IWSLT14: 1.4)")
+    e.add_argument("--length-beam", type=int, default=5, help="NAR length candidates with AR rescoring")
+    e.add_argument("--speed-sentences", type=int, default=50,
+                   help="validation sentences timed at batch size 1 for the speed-up column")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", help="run directory (default: runs/<data>-<preset>); re-running resumes it")
+    r.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--benchmark", action="store_true",
+                   help="measure AR/NAR training throughput and N-best beam search speed, then exit")
+    return p
+
+
+def train_config(args, preset):
+    """The TrainConfig of a preset, with the command line's overrides."""
+    from decode import pick_device
+    values = dict(TRAIN_PRESETS[preset])
+    for name in ("ar_steps", "nar_steps", "max_tokens", "lr", "warmup", "valid_every"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    return TrainConfig(**values, seed=args.seed, device=pick_device(args.device))
+
+
+def benchmark(args):
+    raise NotImplementedError
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.benchmark:
+        sys.exit(benchmark(args))
+    import em_nat  # the EM pipeline, built on the loop above
+    sys.exit(em_nat.main(args))
+
+
+if __name__ == "__main__":
+    main()
