@@ -27,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from data import BPE, DataError, Vocab, make_batches, pad_batch, read_lines, remove_bpe
-from model import BOS, EOS, PAD, CheckpointError, Transformer, ar_log_probs, load_checkpoint, model_config, nar_log_probs
+from model import (EOS, PAD, BOS, CheckpointError, Transformer, ar_log_probs, autocast_for, load_checkpoint,
+                   model_config, nar_log_probs, pick_device)
 
 EARLY_STOP_EVERY = 4          # beam steps between "are all beams finished?" host checks
 NEG_INF = float("-inf")
@@ -193,16 +194,16 @@ def tokens_to_lists(tokens):
 
 @torch.no_grad()
 def translate_ids(model, sources, method="beam", beam=5, alpha=1.0, nbest=1, length_beam=1, odd=True,
-                  rescorer=None, max_tokens=4096, device="cpu", progress=False, autocast=False):
+                  rescorer=None, max_tokens=4096, device="cpu", progress=False):
     """Translate a list of source id lists, batching by a token budget and restoring the order.
     method: "greedy" | "beam" (AR) | "nar". Returns a list of id lists, or with nbest > 1 a list of
-    nbest-lists."""
+    nbest-lists. On CUDA the models run under bf16 autocast."""
     rows_per_source = beam if method == "beam" else (length_beam if method == "nar" else 1)
     batches = make_batches([len(s) for s in sources], max(max_tokens // rows_per_source, 1))
     results = [None] * len(sources)
     model.eval()
     bar = tqdm(total=len(sources), desc=f"decode ({method})", disable=not progress, leave=False)
-    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+    with autocast_for(device):
         for batch in batches:
             src = pad_batch([sources[i] for i in batch], device)
             if method == "greedy":
@@ -273,16 +274,6 @@ def ids_to_text(ids, vocab, is_bpe):
 # ------------------------------------------------------------------------------------------------
 # Command line: translate, or benchmark latency
 # ------------------------------------------------------------------------------------------------
-def pick_device(name=None):
-    if name:
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def load_translator(directory, device):
     """A checkpoint directory -> (model, config dict, vocab, bpe or None)."""
     model, config = load_checkpoint(directory, device)
@@ -306,7 +297,7 @@ def translate_lines(lines, model, vocab, bpe, is_bpe, args, rescorer, device):
     method = "nar" if model.cfg.kind == "nar" else ("greedy" if args.beam == 1 else "beam")
     outs = translate_ids(model, [sources[i] for i in nonempty], method=method, beam=args.beam, alpha=args.alpha,
                          length_beam=args.length_beam, odd=not args.no_odd, rescorer=rescorer,
-                         device=device, progress=len(nonempty) > 50, autocast=device == "cuda")
+                         device=device, progress=len(nonempty) > 50)
     text = [""] * len(lines)
     for i, out in zip(nonempty, outs):
         text[i] = ids_to_text(out, vocab, is_bpe)
@@ -352,7 +343,7 @@ def benchmark(args, device):
     print(f"benchmark: preset {args.preset}, random weights, device {device}, {n} sentences, "
           f"{src_len} source -> {tgt_len} target tokens, {torch.get_num_threads()} threads")
     table = []
-    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device == "cuda"):
+    with autocast_for(device):
         for batch_size in (1, args.batch_size):
             times = {name: run(fn, batch_size) for name, fn in tqdm(systems.items(), desc=f"batch {batch_size}",
                                                                     leave=False)}

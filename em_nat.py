@@ -18,9 +18,7 @@ result.json last), so a re-run with the same --out continues after the last fini
 `python train.py --help` lists the options; this module holds the steps, train.py the loop.
 """
 import json
-import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -28,10 +26,10 @@ import time
 import torch
 
 import decode
-from data import DataError, Vocab, load_corpus_dir, make_toy_corpus, write_text_atomic, BPE
+from data import BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, write_text_atomic
 from decode import bleu, ids_to_text, translate_ids
-from model import CheckpointError, build_model, load_checkpoint, model_config, PAD
-from train import TRAIN_PRESETS, TrainingError, train_config, train_model
+from model import PAD, CheckpointError, autocast_for, build_model, load_checkpoint, model_config
+from train import TrainingError, train_config, train_model
 
 SHARED_IWSLT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "iwslt14.de-en")
 
@@ -43,7 +41,7 @@ def distil(ar_model, sources, run):
     """Sequence-level knowledge distillation (Sec. 3, steps 1 and 5): the AR model's beam-search
     translation of every training source becomes that source's NAR training target."""
     return translate_ids(ar_model, sources, method="beam", beam=run.args.kd_beam, alpha=run.args.alpha,
-                         max_tokens=run.decode_tokens, device=run.device, progress=True, autocast=run.autocast)
+                         max_tokens=run.decode_tokens, device=run.device, progress=True)
 
 
 def nbest_candidates(ar_model, sources, run):
@@ -51,7 +49,7 @@ def nbest_candidates(ar_model, sources, run):
     candidates for every training source (N = --candidates, 20 in the official code)."""
     n = run.args.candidates
     return translate_ids(ar_model, sources, method="beam", beam=n, nbest=n, alpha=run.args.alpha,
-                         max_tokens=run.decode_tokens, device=run.device, progress=True, autocast=run.autocast)
+                         max_tokens=run.decode_tokens, device=run.device, progress=True)
 
 
 @torch.no_grad()
@@ -64,8 +62,7 @@ def select_by_nar_likelihood(nar_model, sources, candidates, run):
             if 0 < len(cand) <= nar_model.cfg.max_len]                # the NAR model cannot emit length 0
     scores = [float("-inf")] * len(flat)
     batches = decode.make_batches([len(c) for _, c in flat], run.decode_tokens)
-    with decode.torch.autocast(device_type=torch.device(run.device).type, dtype=torch.bfloat16,
-                               enabled=run.autocast):
+    with autocast_for(run.device):
         for batch in batches:
             src = decode.pad_batch([sources[flat[j][0]] for j in batch], run.device)
             tgt = decode.pad_batch([flat[j][1] for j in batch], run.device)
@@ -159,6 +156,21 @@ def quality(run, outputs):
     return {"bleu": tok_bleu, "sacrebleu": sacre, "signature": signature}
 
 
+@torch.no_grad()
+def targets_nll(run, nar_model, targets, limit=2000):
+    """The EM objective's view of multi-modality: the NAR model's negative log-likelihood per token,
+    -log p_NAR(y|x) / |y| (length term included), of (up to `limit` of) the targets it was trained on.
+    Targets that mix several translations of the same sources cannot all be likely: lower is simpler."""
+    pairs = [(s, t) for s, t in zip(run.train_sources, targets) if 0 < len(t) <= run.max_len][:limit]
+    total, tokens = 0.0, 0
+    for batch in decode.make_batches([max(len(s), len(t)) for s, t in pairs], run.decode_tokens):
+        src = decode.pad_batch([pairs[j][0] for j in batch], run.device)
+        tgt = decode.pad_batch([pairs[j][1] for j in batch], run.device)
+        total -= float(nar_model.score(src, tgt).sum())
+        tokens += int((tgt != PAD).sum())
+    return total / max(tokens, 1)
+
+
 def time_per_sentence(fn, sources, device):
     """Milliseconds per sentence of fn(src) over sources decoded one at a time (batch size 1)."""
     fn(decode.pad_batch([sources[0]], device))                            # warm-up
@@ -172,20 +184,20 @@ def time_per_sentence(fn, sources, device):
 
 def evaluate_ar(run, ar_model):
     outs = translate_ids(ar_model, run.valid_sources, method="beam", beam=run.args.beam, alpha=run.args.alpha,
-                         max_tokens=run.decode_tokens, device=run.device, autocast=run.autocast)
+                         max_tokens=run.decode_tokens, device=run.device)
     return {**quality(run, outs), "repeats": repeat_rate(outs)}
 
 
 def evaluate_nar(run, nar_model, ar_model):
     """NAR BLEU with plain argmax, with ODD, and with ODD + AR rescoring of a length beam (NPD); and the
     speed-up of NAR ODD over AR beam search at batch size 1, timed side by side."""
-    common = dict(method="nar", max_tokens=run.decode_tokens, device=run.device, autocast=run.autocast)
+    common = dict(method="nar", max_tokens=run.decode_tokens, device=run.device)
     argmax = translate_ids(nar_model, run.valid_sources, odd=False, **common)
     odd = translate_ids(nar_model, run.valid_sources, odd=True, **common)
     rescored = translate_ids(nar_model, run.valid_sources, odd=True, length_beam=run.args.length_beam,
                              rescorer=ar_model, alpha=run.args.alpha, **common)
     timed = run.valid_sources[:run.args.speed_sentences]
-    with torch.no_grad():
+    with torch.no_grad(), autocast_for(run.device):
         ar_ms = time_per_sentence(lambda s: decode.ar_beam_search(ar_model, s, beam=run.args.beam,
                                                                   alpha=run.args.alpha), timed, run.device)
         nar_ms = time_per_sentence(lambda s: decode.nar_decode(nar_model, s), timed, run.device)
@@ -205,7 +217,6 @@ class Run:
         self.preset = args.preset or ("toy" if args.data_dir is None else "iwslt")
         self.cfg = train_config(args, self.preset)
         self.device = self.cfg.device
-        self.autocast = torch.device(self.device).type == "cuda"
         default_name = "toy" if args.data_dir is None else os.path.basename(os.path.normpath(args.data_dir))
         self.dir = args.out or os.path.join("runs", f"{default_name}-{self.preset}")
         os.makedirs(self.dir, exist_ok=True)
@@ -257,7 +268,11 @@ class Run:
     def stage_dir(self, name):
         return os.path.join(self.dir, name)
 
-    def new_model(self, kind, init_from=None):
+    def new_model(self, name, kind, init_from=None):
+        """A fresh model for stage `name`. The seed is set right here, because building a model draws
+        from the RNG: a resumed stage (which reads its targets from disk instead of loading the AR model
+        that made them) must start from the same weights and dropout stream as an uninterrupted one."""
+        torch.manual_seed(self.args.seed * 1000 + stage_list(self.args.em_iterations).index(name))
         model = build_model(model_config(self.preset, len(self.corpus.vocab), kind, max_len=self.max_len),
                             self.device)
         if init_from is not None and self.args.em_init == "warm":
@@ -286,6 +301,9 @@ class Run:
             if os.path.isfile(os.path.join(self.dir, file)):
                 shutil.copyfile(os.path.join(self.dir, file), os.path.join(stage, file))
         pairs = [(s, t) for s, t in zip(self.train_sources, targets) if 0 < len(t) <= self.max_len]
+        if len(pairs) < len(targets):
+            print(f"{name}: {len(targets) - len(pairs)} of {len(targets)} targets are empty or longer than "
+                  f"{self.max_len} tokens and are left out")
         model, summary = train_model(model, pairs, self.valid_ids, self.cfg, stage, desc=name,
                                      meta={"stage": name, "is_bpe": self.corpus.is_bpe})
         return model, summary
@@ -315,7 +333,7 @@ def run_stage(run, name):
     raw_targets = [t for _, t in run.train_ids]
     if name == "ar":
         targets, trained_on = raw_targets, "real data"
-        model, summary = run.train(name, run.new_model("ar"), targets)
+        model, summary = run.train(name, run.new_model(name, "ar"), targets)
         result = evaluate_ar(run, model)
     elif name in ("nar-raw", "nar-kd"):
         if name == "nar-raw":
@@ -323,7 +341,7 @@ def run_stage(run, name):
         else:
             targets = run.targets_or(name, "train.tgt", lambda: distil(run.load("ar"), run.train_sources, run))
             trained_on = "AR beam outputs (KD)"
-        model, summary = run.train(name, run.new_model("nar"), targets)
+        model, summary = run.train(name, run.new_model(name, "nar"), targets)
         result = evaluate_nar(run, model, run.load("ar"))
     elif name.endswith("-ar"):                                            # E-step
         prev_ar, prev_nar = previous(name)
@@ -338,16 +356,17 @@ def run_stage(run, name):
 
         targets = run.targets_or(name, "train.tgt", select)
         trained_on = f"{prev_ar} N-best selected by {prev_nar}"
-        model, summary = run.train(name, run.new_model("ar", init_from=prev_ar), targets)
+        model, summary = run.train(name, run.new_model(name, "ar", init_from=prev_ar), targets)
         result = evaluate_ar(run, model)
     else:                                                                 # M-step
         ar_name = name.replace("-nar", "-ar")
         targets = run.targets_or(name, "train.tgt", lambda: distil(run.load(ar_name), run.train_sources, run))
         trained_on = f"{ar_name} beam outputs"
-        model, summary = run.train(name, run.new_model("nar", init_from=previous(name)[1]), targets)
+        model, summary = run.train(name, run.new_model(name, "nar", init_from=previous(name)[1]), targets)
         result = evaluate_nar(run, model, run.load(ar_name))
     result.update(stage=name, kind=model.cfg.kind, trained_on=trained_on, training=summary,
-                  targets_entropy=alignment_entropy(list(zip(run.train_sources, targets))))
+                  targets_entropy=alignment_entropy(list(zip(run.train_sources, targets))),
+                  targets_nll=targets_nll(run, model, targets) if model.cfg.kind == "nar" else None)
     return result
 
 
@@ -362,8 +381,6 @@ def run_pipeline(run):
             print(f"[{name}] finished earlier: {path}")
             continue
         print(f"[{name}] {'training' if index else 'training the first AR model'} ...")
-        torch.manual_seed(run.args.seed * 1000 + index)
-        random.seed(run.args.seed * 1000 + index)
         result = run_stage(run, name)
         resume = os.path.join(run.stage_dir(name), "resume.pt")
         write_text_atomic(path, json.dumps(result, indent=2))
@@ -374,23 +391,29 @@ def run_pipeline(run):
     return results
 
 
+def cell(value, width, digits=2, suffix=""):
+    """A right-aligned table cell; blank where a column does not apply (None)."""
+    return f"{'':>{width}}" if value is None else f"{value:>{width - len(suffix)}.{digits}f}{suffix}"
+
+
 def format_table(results, toy):
-    """One row per stage: quality, multi-modality of the training targets, decoding speed-up."""
-    header = (f"{'stage':<10} {'trained on':<36} {'H(y|x)':>7} {'BLEU':>6} {'argmax':>7} {'+resc':>6} "
+    """One row per stage: multi-modality of the training targets, quality, decoding speed-up."""
+    header = (f"{'stage':<10} {'trained on':<36} {'H(y|x)':>7} {'NLL':>6} {'BLEU':>6} {'argmax':>7} {'+resc':>6} "
               + (f"{'valid%':>7} " if toy else f"{'sacre':>6} ") + f"{'rep%':>5} {'speed-up':>8}")
     lines = [header, "-" * len(header)]
     for r in results:
         nar = r["kind"] == "nar"
-        extra = f"{r['valid_rate']:>7.1f} " if toy else f"{r['sacrebleu']:>6.2f} "
-        lines.append(f"{r['stage']:<10} {r['trained_on'][:36]:<36} {r['targets_entropy']:>7.3f} {r['bleu']:>6.2f} "
-                     f"{(r['argmax']['bleu'] if nar else float('nan')):>7.2f} "
-                     f"{(r['rescored']['bleu'] if nar else float('nan')):>6.2f} {extra}{r['repeats']:>5.1f} "
-                     + (f"{r['speedup']:>7.1f}x" if nar else f"{'':>8}"))
+        row = [f"{r['stage']:<10}", f"{r['trained_on'][:36]:<36}", cell(r["targets_entropy"], 7, 3),
+               cell(r["targets_nll"], 6, 3), cell(r["bleu"], 6), cell(r["argmax"]["bleu"] if nar else None, 7),
+               cell(r["rescored"]["bleu"] if nar else None, 6),
+               cell(r["valid_rate"], 7, 1) if toy else cell(r["sacrebleu"], 6), cell(r["repeats"], 5, 1),
+               cell(r["speedup"] if nar else None, 8, 1, "x")]
+        lines.append(" ".join(row))
     return "\n".join(lines)
 
 
-TABLE_NOTES = """columns: H(y|x) = multi-modality of the stage's training targets (IBM-1 alignment entropy, bits);
-BLEU = AR beam search / NAR ODD decoding on the validation set{bleu_kind}; argmax = NAR plain argmax;
+TABLE_NOTES = """columns: H(y|x) = lexical multi-modality of the stage's training targets (IBM-1 alignment entropy,
+bits); NLL = the NAR model's -log p(y|x) per token of its own training targets (the EM objective); BLEU = AR beam search / NAR ODD decoding on the validation set{bleu_kind}; argmax = NAR plain argmax;
 +resc = NAR ODD over a length beam rescored by the AR model (NPD);{valid} rep% = repeated adjacent tokens
 (AR beam / NAR argmax outputs); speed-up = NAR ODD vs AR beam search, batch size 1, timed side by side."""
 

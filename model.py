@@ -326,6 +326,23 @@ def nar_log_probs(logits):
     return logits.log_softmax(-1)
 
 
+def pick_device(name=None):
+    """The given device, else the best available: CUDA > Apple MPS > CPU."""
+    if name:
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slow, MPS support varies)."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
+
+
 def build_model(cfg: ModelConfig, device="cpu"):
     return Transformer(cfg).to(device)
 

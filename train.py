@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from data import collate, make_batches
-from model import count_parameters, save_atomic, save_checkpoint
+from model import autocast_for, count_parameters, pick_device, save_atomic, save_checkpoint
 
 
 @dataclass
@@ -56,12 +56,6 @@ TRAIN_PRESETS = {
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change."""
-
-
-def autocast_for(device):
-    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slow, MPS support varies)."""
-    device_type = torch.device(device).type
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
 
 
 def make_optimizer(model, cfg):
@@ -124,6 +118,9 @@ def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc
     model.pt + config.json and return the model with those weights and a summary dict.
     out_dir/resume.pt holds the loop's state at every validation and at Ctrl-C: a later call with the
     same out_dir continues from it and reaches the same weights as an uninterrupted run."""
+    if not train_pairs:
+        raise TrainingError(f"{desc}: no training pairs left (every target empty or over the length limit); "
+                            f"if they come from an AR model, train that model longer (--ar-steps)")
     os.makedirs(out_dir, exist_ok=True)
     steps = cfg.steps_for(model.cfg.kind)
     resume_path = os.path.join(out_dir, "resume.pt")
@@ -157,7 +154,7 @@ def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc
                 except torch.OutOfMemoryError:
                     raise TrainingError(f"{desc}: out of memory on a batch of {tgt.numel()} target tokens; "
                                         f"lower --max-tokens (now {cfg.max_tokens})") from None
-                loss_value = float(loss)
+                loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise TrainingError(f"{desc}: the loss became {loss_value} at step {position['step'] + 1}; "
                                         f"the last good weights are in {out_dir}; lower --lr (now {cfg.lr}) "
@@ -172,7 +169,7 @@ def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc
                 position["seconds"] += time.perf_counter() - start
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{position['tokens'] / position['seconds']:.0f}")
-                done = position["step"] >= steps
+                done, stop = position["step"] >= steps, interrupt["stop"]
                 if done or position["step"] % cfg.valid_every == 0:
                     valid = validation_loss(model, valid_pairs, cfg)
                     if valid < position["best"]:
@@ -180,9 +177,9 @@ def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc
                         save_checkpoint(model, out_dir, **meta)
                     bar.write(f"{desc}: step {position['step']}  train loss {loss_value:.3f}  "
                               f"valid loss {valid:.3f}  best {position['best']:.3f}")
-                if done or interrupt["stop"] or position["step"] % cfg.valid_every == 0:
+                if done or stop or position["step"] % cfg.valid_every == 0:
                     save_resume_state(resume_path, model, optimizer, scheduler, position)
-                if interrupt["stop"]:
+                if stop:
                     bar.close()
                     sys.exit(f"stopped at step {position['step']} of {desc}; run the same command again to resume")
                 if done:
@@ -242,13 +239,15 @@ def build_parser():
     r.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--benchmark", action="store_true",
-                   help="measure AR/NAR training throughput and N-best beam search speed, then exit")
+                   help="measure AR/NAR training throughput and N-best beam search speed on a real corpus "
+                        "(--data-dir, default ../shared/data/iwslt14.de-en), then exit")
+    r.add_argument("--benchmark-steps", type=int, default=20, help="training steps timed per model")
+    r.add_argument("--benchmark-sentences", type=int, default=200, help="sentences decoded for N-best speed")
     return p
 
 
 def train_config(args, preset):
     """The TrainConfig of a preset, with the command line's overrides."""
-    from decode import pick_device
     values = dict(TRAIN_PRESETS[preset])
     for name in ("ar_steps", "nar_steps", "max_tokens", "lr", "warmup", "valid_every"):
         if getattr(args, name) is not None:
@@ -257,7 +256,73 @@ def train_config(args, preset):
 
 
 def benchmark(args):
-    raise NotImplementedError
+    """Throughput on a real corpus (default: ../shared/data/iwslt14.de-en), on this machine:
+    target tokens/s of AR and NAR training steps for a preset at a token budget, and sentences/s of
+    N-best beam search (N = --candidates), the EM loop's most expensive decoding. Random weights: the
+    AR model's <eos> is masked and every output given its reference length, so beam search does as
+    many steps as a trained model would."""
+    from data import load_corpus_dir, DataError, pad_batch
+    from decode import ar_beam_search
+    from em_nat import SHARED_IWSLT
+    from model import EOS, build_model, model_config
+    data_dir = args.data_dir or SHARED_IWSLT
+    preset = args.preset or "iwslt"
+    cfg = train_config(args, preset)
+    if args.max_tokens is None:
+        cfg.max_tokens = 4096                                 # the yardstick's batch size
+    try:
+        start = time.perf_counter()
+        corpus = load_corpus_dir(data_dir, args.src, args.tgt, args.bpe_merges,
+                                 model_config(preset, 0, "ar").max_len, log=lambda *a: None)
+        bpe_seconds = time.perf_counter() - start
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    pairs = corpus.ids("train")
+    print(f"benchmark: {corpus.name}, {len(pairs)} training pairs, vocabulary {len(corpus.vocab)} "
+          f"(BPE {args.bpe_merges} merges, learned and applied in {bpe_seconds:.1f} s), preset {preset}, "
+          f"{cfg.max_tokens}-token batches, device {cfg.device}, {torch.get_num_threads()} threads")
+    rows = []
+    batches = make_batches([max(len(s), len(t)) + 1 for s, t in pairs], cfg.max_tokens, random.Random(0))
+    for kind in ("ar", "nar"):
+        torch.manual_seed(0)
+        model = build_model(model_config(preset, len(corpus.vocab), kind), cfg.device).train()
+        optimizer = make_optimizer(model, cfg)
+        tokens, seconds = 0, 0.0
+        for i, batch in enumerate(tqdm(batches[:args.benchmark_steps + 3], desc=f"train {kind}", leave=False)):
+            start = time.perf_counter()
+            src, tgt = collate([pairs[j] for j in batch], cfg.device)
+            with autocast_for(cfg.device):
+                loss, n = model(src, tgt)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            n = int(n)                                        # waits for the step to finish
+            if i >= 3:                                        # the first steps warm up the allocator
+                tokens += n + (len(batch) if kind == "ar" else 0)   # AR also predicts <eos>, as fairseq counts
+                seconds += time.perf_counter() - start
+        rows.append((f"train {kind.upper()} ({count_parameters(model) / 1e6:.1f}M parameters)",
+                     f"{tokens / seconds:,.0f} target tokens/s"))
+    torch.manual_seed(0)
+    ar = build_model(model_config(preset, len(corpus.vocab), "ar", dropout=0.0), cfg.device).eval()
+    with torch.no_grad():
+        ar.out_bias[EOS] = float("-inf")
+    valid = corpus.ids("valid")[:args.benchmark_sentences]
+    n = args.candidates
+    start = time.perf_counter()
+    for batch in tqdm(make_batches([len(s) for s, _ in valid], max(cfg.max_tokens * 4 // n, 1)), desc="N-best",
+                      leave=False):
+        src = pad_batch([valid[j][0] for j in batch], cfg.device)
+        out_len = torch.tensor([len(valid[j][1]) + 1 for j in batch], device=cfg.device)
+        with torch.no_grad(), autocast_for(cfg.device):
+            ar_beam_search(ar, src, beam=n, nbest=n, max_len=out_len)
+    seconds = time.perf_counter() - start
+    rows.append((f"AR {n}-best beam search ({len(valid)} sentences)", f"{len(valid) / seconds:,.1f} sentences/s"))
+    print()
+    for name, figure in rows:
+        print(f"{name:<52} {figure:>26}")
+    return 0
 
 
 def main(argv=None):

@@ -43,7 +43,7 @@ def test_alignment_entropy_known_answers():
     assert abs(em_nat.alignment_entropy(two_ways) - 1.0) < 0.1
 
 
-TINY = ["--toy-train-size", "300", "--ar-steps", "40", "--nar-steps", "40", "--valid-every", "20",
+TINY = ["--toy-train-size", "300", "--ar-steps", "60", "--nar-steps", "40", "--valid-every", "20", "--warmup", "20",
         "--em-iterations", "2", "--candidates", "4", "--speed-sentences", "3", "--device", "cpu"]
 
 

@@ -1,0 +1,137 @@
+"""Bad input and interruptions: clear one-line errors, atomic checkpoints, exact resume."""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from data import Vocab
+from decode import load_translator
+from model import CheckpointError, ModelConfig, Transformer, load_checkpoint, save_atomic, save_checkpoint, SPECIALS
+from train import TrainConfig, TrainingError, train_model
+
+torch.set_num_threads(2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_model(seed=0, dropout=0.1):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=14, kind="ar", d_model=32, n_heads=4, d_ff=64, enc_layers=1,
+                                   dec_layers=1, dropout=dropout, max_len=16))
+
+
+def copy_pairs(n=400, seed=0):
+    rng = random.Random(seed)
+    return [(s, s) for s in ([rng.randint(4, 13) for _ in range(rng.randint(2, 8))] for _ in range(n))]
+
+
+class StopAfter(dict):
+    """Stands in for the Ctrl-C flag: reports 'stop' once the loop has asked `steps` times."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.asked, self.steps = 0, steps
+
+    def __getitem__(self, key):
+        self.asked += 1
+        return self.asked >= self.steps
+
+
+def test_ctrl_c_then_resume_gives_the_same_weights(tmp_path, monkeypatch):
+    pairs, valid = copy_pairs(), copy_pairs(50, seed=1)
+    cfg = TrainConfig(lr=2e-3, warmup=10, max_tokens=128, ar_steps=45, valid_every=20)
+    straight, _ = train_model(tiny_model(), pairs, valid, cfg, str(tmp_path / "straight"))
+
+    class FakeInterrupt:
+        def __enter__(self):
+            return StopAfter(27)                              # "Ctrl-C" during step 27, mid-epoch
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(train, "graceful_interrupt", FakeInterrupt)
+    with pytest.raises(SystemExit, match="stopped at step 27"):
+        train_model(tiny_model(), pairs, valid, cfg, str(tmp_path / "resumed"))
+    monkeypatch.undo()
+    resumed, _ = train_model(tiny_model(seed=99), pairs, valid, cfg, str(tmp_path / "resumed"))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_a_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_weights(tmp_path):
+    pairs, valid = copy_pairs(), copy_pairs(50, seed=1)
+    out = tmp_path / "nan"
+    train_model(tiny_model(), pairs, valid, TrainConfig(lr=1e-3, warmup=5, max_tokens=128, ar_steps=10,
+                                                        valid_every=10), str(out))
+    good = torch.load(out / "model.pt")
+    os.remove(out / "resume.pt")
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf).*lower --lr"):
+        train_model(tiny_model(), pairs, valid, TrainConfig(lr=1e30, warmup=1, max_tokens=128, ar_steps=50,
+                                                            valid_every=100, clip=1e30), str(out))
+    kept = torch.load(out / "model.pt")
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    save_atomic({"w": torch.ones(3)}, str(path))
+
+    def dying_save(obj, f, *a, **k):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"w": torch.zeros(3)}, str(path))
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path)["w"], torch.ones(3))
+
+
+def test_truncated_foreign_and_mismatched_checkpoints_say_so(tmp_path):
+    model = tiny_model()
+    save_checkpoint(model, str(tmp_path / "ok"))
+    data = (tmp_path / "ok" / "model.pt").read_bytes()
+    (tmp_path / "ok" / "model.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable, truncated"):
+        load_checkpoint(str(tmp_path / "ok"))
+    (tmp_path / "ok" / "model.pt").write_text("this is a text file, not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable, truncated"):
+        load_checkpoint(str(tmp_path / "ok"))
+    other = Transformer(ModelConfig(vocab_size=30, kind="ar", d_model=32, n_heads=4, d_ff=64, enc_layers=1,
+                                    dec_layers=1, max_len=16))
+    torch.save(other.state_dict(), tmp_path / "ok" / "model.pt")
+    with pytest.raises(CheckpointError, match="do not fit the config"):
+        load_checkpoint(str(tmp_path / "ok"))
+    with pytest.raises(CheckpointError, match="config.json: missing"):
+        load_checkpoint(str(tmp_path / "nowhere"))
+
+
+def test_a_vocabulary_that_does_not_belong_to_the_checkpoint_is_refused(tmp_path):
+    save_checkpoint(tiny_model(), str(tmp_path))
+    Vocab(SPECIALS + ["a", "b"]).save(str(tmp_path / "vocab.txt"))
+    with pytest.raises(CheckpointError, match="vocabulary does not belong"):
+        load_translator(str(tmp_path), "cpu")
+
+
+def test_cli_errors_are_one_line_without_a_traceback(tmp_path):
+    (tmp_path / "train.de").write_text("a b\nc\n")
+    (tmp_path / "train.en").write_text("x\n")
+    (tmp_path / "valid.de").write_text("a\n")
+    (tmp_path / "valid.en").write_text("x\n")
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
+                             "--bpe-merges", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "train.de has 2 lines but" in result.stderr and "train.en has 1" in result.stderr
+    result = subprocess.run([sys.executable, "decode.py", "--checkpoint", str(tmp_path / "none")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "config.json: missing" in result.stderr
+
+
+def test_an_empty_training_set_is_an_error_not_an_endless_loop(tmp_path):
+    with pytest.raises(TrainingError, match="no training pairs left"):
+        train_model(tiny_model(), [], copy_pairs(5), TrainConfig(ar_steps=5), str(tmp_path))
