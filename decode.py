@@ -337,8 +337,8 @@ def benchmark(args, device):
         f"AR beam {args.beam}": lambda s, bs: ar_beam_search(ar, s, beam=args.beam, alpha=args.alpha,
                                                              max_len=out_len[:len(s)]),
         "NAR ODD (1 length)": lambda s, bs: nar_decode(nar, s, lengths=fixed[:len(s)]),
-        f"NAR ODD + AR rescoring ({args.length_beam} lengths)": lambda s, bs: nar_decode(
-            nar, s, length_beam=args.length_beam, rescorer=ar, alpha=args.alpha, lengths=fixed[:len(s)]),
+        "NAR ODD + AR rescoring (9 lengths)": lambda s, bs: nar_decode(   # the paper's length beam B = 9
+            nar, s, length_beam=9, rescorer=ar, alpha=args.alpha, lengths=fixed[:len(s)]),
     }
     print(f"benchmark: preset {args.preset}, random weights, device {device}, {n} sentences, "
           f"{src_len} source -> {tgt_len} target tokens, {torch.get_num_threads()} threads")

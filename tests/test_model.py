@@ -112,7 +112,7 @@ def test_length_classifier_loss_and_argmax_known_answer():
         logp_true = log_p7 if true_len == 7 else log_p_other
         expected = -(0.9 * logp_true + 0.1 * mean_logp)
         loss = model.length_loss(enc, torch.full((3,), true_len))
-        assert abs(float(loss) - expected) < 1e-5
+        assert abs(loss.item() - expected) < 1e-5
 
 
 def test_ar_learns_to_reverse_sequences(tmp_path):
