@@ -225,9 +225,11 @@ class Run:
         self.corpus = self.load_corpus()
         self.check_run_dir()
         self.train_ids = self.corpus.ids("train")
-        self.valid_ids = self.corpus.ids("valid")
+        valid_ids = self.corpus.ids("valid")
         self.train_sources = [s for s, _ in self.train_ids]
-        self.valid_sources = [s[:self.max_len] for s, _ in self.valid_ids]
+        # Validation loss needs pairs the model can hold; BLEU decodes every validation sentence.
+        self.valid_loss_pairs = [(s, t) for s, t in valid_ids if max(len(s), len(t)) <= self.max_len]
+        self.valid_sources = [s[:self.max_len] for s, _ in valid_ids]
 
     def load_corpus(self):
         args = self.args
@@ -304,7 +306,7 @@ class Run:
         if len(pairs) < len(targets):
             print(f"{name}: {len(targets) - len(pairs)} of {len(targets)} targets are empty or longer than "
                   f"{self.max_len} tokens and are left out")
-        model, summary = train_model(model, pairs, self.valid_ids, self.cfg, stage, desc=name,
+        model, summary = train_model(model, pairs, self.valid_loss_pairs, self.cfg, stage, desc=name,
                                      meta={"stage": name, "is_bpe": self.corpus.is_bpe})
         return model, summary
 
