@@ -96,34 +96,17 @@ def read_lines(path):
     return lines
 
 
-@dataclass
-class FilterReport:
-    """What `read_parallel` dropped, and why: counted, never silent."""
-    empty: int = 0
-    too_long: int = 0
-
-    def __str__(self):
-        return f"dropped {self.empty} pairs with an empty side and {self.too_long} over the length limit"
-
-
-def read_parallel(src_path, tgt_path, max_len=None):
-    """Aligned (source tokens, target tokens) pairs. Pairs with an empty side, or a side longer than
-    max_len tokens, are dropped and counted in the returned FilterReport; a line-count mismatch is an
-    error, because it means every later pair would be misaligned."""
+def read_parallel(src_path, tgt_path):
+    """Aligned (source tokens, target tokens) pairs and the number of pairs dropped because a side is
+    empty (counted, never silent). A line-count mismatch is an error, because it means every later
+    pair would be misaligned."""
     src_lines, tgt_lines = read_lines(src_path), read_lines(tgt_path)
     if len(src_lines) != len(tgt_lines):
         raise DataError(f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)}: "
                         f"source and target must be aligned line by line")
-    pairs, report = [], FilterReport()
-    for src_line, tgt_line in zip(src_lines, tgt_lines):
-        src, tgt = src_line.split(), tgt_line.split()
-        if not src or not tgt:
-            report.empty += 1
-        elif max_len is not None and max(len(src), len(tgt)) > max_len:
-            report.too_long += 1
-        else:
-            pairs.append((src, tgt))
-    return pairs, report
+    pairs = [(s.split(), t.split()) for s, t in zip(src_lines, tgt_lines)]
+    kept = [(s, t) for s, t in pairs if s and t]
+    return kept, len(pairs) - len(kept)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,10 +364,10 @@ def load_corpus_dir(data_dir, src_lang, tgt_lang, bpe_merges, max_len, bpe=None,
             splits[split] = []
             continue
         # Length filtering waits until after BPE (below); evaluation splits keep every sentence.
-        pairs, report = read_parallel(src_path, tgt_path)
+        pairs, empty = read_parallel(src_path, tgt_path)
         if split == "train" and max_train_pairs:
             pairs = pairs[:max_train_pairs]
-        log(f"{split}: {len(pairs)} pairs from {src_path} ({report})")
+        log(f"{split}: {len(pairs)} pairs from {src_path} ({empty} pairs with an empty side dropped)")
         splits[split] = pairs
     is_bpe = any("@@" in tok for _, tgt in splits["train"][:1000] for tok in tgt)
     if not is_bpe and (bpe is not None or bpe_merges > 0):
@@ -395,7 +378,7 @@ def load_corpus_dir(data_dir, src_lang, tgt_lang, bpe_merges, max_len, bpe=None,
         is_bpe = True
     before = len(splits["train"])
     splits["train"] = [(s, t) for s, t in splits["train"] if max(len(s), len(t)) <= max_len]
-    log(f"train: dropped {before - len(splits['train'])} pairs longer than {max_len} subwords")
+    log(f"train: dropped {before - len(splits['train'])} pairs longer than {max_len} tokens (--max-len)")
     vocab = Vocab.build([s for s, _ in splits["train"]] + [t for _, t in splits["train"]])
     return Corpus(splits["train"], splits["valid"], splits["test"], vocab,
                   name=os.path.basename(os.path.normpath(data_dir)), bpe=bpe, is_bpe=is_bpe)

@@ -356,10 +356,17 @@ def benchmark(args, device):
     return table
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default except the absent ones (None): those say in words where they come from."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description="Translate with an em-nat checkpoint (AR or NAR), or benchmark decoding latency.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", help="a stage directory of a run, e.g. runs/toy/em2-nar")
     p.add_argument("--input", help="text file, one sentence per line (default: standard input)")
     p.add_argument("--output", help="write translations here (default: standard output)")

@@ -210,12 +210,13 @@ def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc
 
 
 def build_parser():
+    from decode import HelpFormatter
     from model import PRESETS
     p = argparse.ArgumentParser(
         description="Run the whole EM pipeline of Sun & Yang (2020): AR model, NAR on raw data, NAR after "
                     "knowledge distillation, then EM iterations; prints one table of results per stage. "
                     "With no arguments it runs on the embedded toy task in a few minutes on a CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", help="corpus directory in the fairseq layout (train/valid/test.SRC/.TGT); "
                                       "default: the embedded toy task, generated from --seed")
@@ -223,19 +224,19 @@ def build_parser():
     d.add_argument("--tgt", default="en", help="target language suffix")
     d.add_argument("--bpe-merges", type=int, default=10000,
                    help="joint BPE merges learned on plain text (0: use the text as it is)")
-    d.add_argument("--max-train-pairs", type=int, help="use only the first N training pairs")
+    d.add_argument("--max-train-pairs", type=int, help="use only the first N training pairs (default: all)")
     d.add_argument("--toy-train-size", type=int, default=6000, help="training pairs of the toy task")
     m = p.add_argument_group("model and training")
     m.add_argument("--preset", choices=sorted(PRESETS), help="model size (default: toy on the toy task, "
                                                            "iwslt with --data-dir)")
-    m.add_argument("--max-len", type=int, help="longest sentence in subwords (positions, length classes); "
-                                               "longer training pairs are dropped")
-    m.add_argument("--ar-steps", type=int, help="optimizer steps per AR model")
-    m.add_argument("--nar-steps", type=int, help="optimizer steps per NAR model")
-    m.add_argument("--max-tokens", type=int, help="token budget of a batch")
-    m.add_argument("--lr", type=float, help="peak learning rate")
-    m.add_argument("--warmup", type=int, help="warm-up steps")
-    m.add_argument("--valid-every", type=int, help="steps between validations")
+    m.add_argument("--max-len", type=int, help="longest sentence in tokens (positions, length classes); longer "
+                                               "training pairs are dropped (default: the preset's)")
+    m.add_argument("--ar-steps", type=int, help="optimizer steps per AR model (default: the preset's, TRAIN_PRESETS)")
+    m.add_argument("--nar-steps", type=int, help="optimizer steps per NAR model (default: the preset's)")
+    m.add_argument("--max-tokens", type=int, help="token budget of a batch (default: the preset's)")
+    m.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    m.add_argument("--warmup", type=int, help="warm-up steps (default: the preset's)")
+    m.add_argument("--valid-every", type=int, help="steps between validations (default: the preset's)")
     e = p.add_argument_group("EM loop and decoding")
     e.add_argument("--em-iterations", type=int, default=2, help="EM iterations after distillation")
     e.add_argument("--candidates", type=int, default=20, help="AR N-best candidates per source (E-step)")

@@ -1,4 +1,5 @@
 """data.py: batching, BPE, reading files with clear errors, and the toy task's oracle."""
+import os
 import random
 
 import pytest
@@ -87,7 +88,7 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
 
 
 def test_missing_file_and_missing_split(tmp_path):
-    with pytest.raises(DataError, match="file not found"):
+    with pytest.raises(DataError, match=r"nope\.de: file not found"):
         read_parallel(str(tmp_path / "nope.de"), str(tmp_path / "nope.en"))
     write(tmp_path / "valid.de", "a\n")
     write(tmp_path / "valid.en", "b\n")
@@ -98,9 +99,17 @@ def test_missing_file_and_missing_split(tmp_path):
 def test_empty_and_overlong_pairs_are_dropped_and_counted(tmp_path):
     src = write(tmp_path / "c.de", "a b\n\nc d e f g\nh\n")
     tgt = write(tmp_path / "c.en", "x\ny\nz\n \n")
-    pairs, report = read_parallel(src, tgt, max_len=4)
-    assert pairs == [(["a", "b"], ["x"])]
-    assert (report.empty, report.too_long) == (2, 1)
+    pairs, empty = read_parallel(src, tgt)
+    assert pairs == [(["a", "b"], ["x"]), (["c", "d", "e", "f", "g"], ["z"])] and empty == 2
+    for split in ("train", "valid"):
+        write(tmp_path / f"{split}.de", "a b\n\nc d e f g\nh\n")
+        write(tmp_path / f"{split}.en", "x\ny\nz\n \n")
+    messages = []
+    corpus = load_corpus_dir(str(tmp_path), "de", "en", 0, 4, log=messages.append)
+    assert corpus.train == [(["a", "b"], ["x"])]                  # the 5-token source is over --max-len 4
+    assert len(corpus.valid) == 2                                  # evaluation keeps long sentences
+    assert any("2 pairs with an empty side dropped" in m for m in messages)
+    assert any("dropped 1 pairs longer than 4" in m for m in messages)
 
 
 def test_toy_task_lists_six_valid_translations_without_repeats():
@@ -120,3 +129,23 @@ def test_toy_corpus_is_reproducible_from_its_seed():
     a, b = make_toy_corpus(seed=3, train_size=50), make_toy_corpus(seed=3, train_size=50)
     assert a.train == b.train and a.vocab.itos == b.vocab.itos
     assert make_toy_corpus(seed=4, train_size=50).train != a.train
+
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                      "iwslt14.de-en")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data/iwslt14.de-en is absent (real data lives "
+                                                      "outside the repository)")
+def test_bpe_on_real_iwslt_text_round_trips_and_compresses():
+    pairs, empty = read_parallel(os.path.join(SHARED, "valid.de"), os.path.join(SHARED, "valid.en"))
+    assert len(pairs) == 500 and empty == 0
+    sentences = [s for s, _ in pairs] + [t for _, t in pairs]
+    bpe = BPE.learn(sentences, 1000)
+    pieces = [bpe.encode(s) for s in sentences]
+    assert all(remove_bpe(" ".join(p)) == " ".join(s) for p, s in zip(pieces, sentences))
+    # Greedy BPE's first k merges are the k-merge model: more merges, fewer subwords.
+    counts = [sum(len(BPE(bpe.merges[:k]).encode(s)) for s in sentences) for k in (0, 300, 1000)]
+    words = sum(map(len, sentences))
+    assert counts[0] > counts[1] > counts[2] > words
+    assert counts[2] == sum(map(len, pieces))

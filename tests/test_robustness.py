@@ -135,3 +135,14 @@ def test_cli_errors_are_one_line_without_a_traceback(tmp_path):
 def test_an_empty_training_set_is_an_error_not_an_endless_loop(tmp_path):
     with pytest.raises(TrainingError, match="no training pairs left"):
         train_model(tiny_model(), [], copy_pairs(5), TrainConfig(ar_steps=5), str(tmp_path))
+
+
+def test_out_of_memory_names_the_token_budget_to_lower(tmp_path, monkeypatch):
+    model = tiny_model()
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(model, "forward", oom)
+    with pytest.raises(TrainingError, match=r"out of memory on a batch .* lower --max-tokens \(now 128\)"):
+        train_model(model, copy_pairs(), copy_pairs(5), TrainConfig(ar_steps=5, max_tokens=128), str(tmp_path))
