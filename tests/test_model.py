@@ -38,8 +38,8 @@ def test_encoder_ignores_padding():
     enc2, _ = model.encode(more_pad)
     assert torch.allclose(enc[keep], enc2[:, :enc.size(1)][keep], atol=1e-5)
     changed = src.clone()
-    changed[0, 4:] = 7                                         # garbage under... no: real tokens now
-    assert not torch.allclose(model.encode(changed)[0][0, :5], enc[0, :5], atol=1e-4)
+    changed[0, 4:] = 7                                         # the padding becomes real tokens:
+    assert not torch.allclose(model.encode(changed)[0][0, :5], enc[0, :5], atol=1e-4)  # now it matters
 
 
 def test_ar_decoder_never_sees_the_future():
