@@ -257,7 +257,9 @@ def bleu(hypotheses, references, tokenized=True):
     tokenized=True: 'tokenised BLEU' on the text as it is (tokenize='none'), the figure NAT papers
     report; tokenized=False: sacreBLEU's standard 13a BLEU on detokenised text. Returns (score, signature)."""
     if tokenized:
-        metric = sacrebleu.BLEU(tokenize="none")
+        # force=True: the text is tokenised on purpose here, so sacreBLEU's "forgot to detokenize?"
+        # warning does not apply.
+        metric = sacrebleu.BLEU(tokenize="none", force=True)
         result = metric.corpus_score(hypotheses, references)
     else:
         metric = sacrebleu.BLEU()

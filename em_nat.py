@@ -215,6 +215,8 @@ class Run:
     def __init__(self, args):
         self.args = args
         self.preset = args.preset or ("toy" if args.data_dir is None else "iwslt")
+        if args.alpha is None:
+            args.alpha = 1.4 if self.preset == "iwslt" else 1.0      # PAPER.md Sec. 4: alpha 1.4 on IWSLT14
         self.cfg = train_config(args, self.preset)
         self.device = self.cfg.device
         default_name = "toy" if args.data_dir is None else os.path.basename(os.path.normpath(args.data_dir))

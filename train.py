@@ -244,7 +244,8 @@ def build_parser():
     e.add_argument("--em-init", choices=["scratch", "warm"], default="scratch",
                    help="each EM iteration's models start from scratch or from the previous iteration's")
     e.add_argument("--beam", type=int, default=5, help="AR beam size when evaluating")
-    e.add_argument("--alpha", type=float, default=1.0, help="length penalty exponent (paper IWSLT14: 1.4)")
+    e.add_argument("--alpha", type=float, help="length penalty exponent of AR beam search and rescoring "
+                                               "(default: 1.4, the paper's IWSLT14 value, with the iwslt preset; else 1.0)")
     e.add_argument("--length-beam", type=int, default=5, help="NAR length candidates with AR rescoring")
     e.add_argument("--speed-sentences", type=int, default=50,
                    help="validation sentences timed at batch size 1 for the speed-up column")
