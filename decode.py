@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from data import BPE, DataError, Vocab, make_batches, pad_batch, read_lines, remove_bpe
-from model import (EOS, PAD, BOS, CheckpointError, Transformer, ar_log_probs, autocast_for, load_checkpoint,
-                   model_config, nar_log_probs, pick_device)
+from model import (EOS, PAD, BOS, CheckpointError, Transformer, ar_log_probs, autocast_for,
+                   keep_freed_memory_on_cpu, load_checkpoint, model_config, nar_log_probs, pick_device)
 
 EARLY_STOP_EVERY = 4          # beam steps between "are all beams finished?" host checks
 NEG_INF = float("-inf")
@@ -391,6 +391,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
+    keep_freed_memory_on_cpu()
     if args.benchmark:
         benchmark(args, device)
         return
