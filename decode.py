@@ -18,7 +18,6 @@ search's "all finished?" test, which runs every EARLY_STOP_EVERY steps.
 """
 import argparse
 import os
-import re
 import sys
 import time
 

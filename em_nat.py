@@ -28,7 +28,7 @@ import torch
 import decode
 from data import BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, write_text_atomic
 from decode import bleu, ids_to_text, translate_ids
-from model import PAD, CheckpointError, autocast_for, build_model, load_checkpoint, model_config
+from model import CheckpointError, autocast_for, build_model, load_checkpoint, model_config
 from train import TrainingError, train_config, train_model
 
 SHARED_IWSLT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "iwslt14.de-en")
@@ -53,6 +53,20 @@ def nbest_candidates(ar_model, sources, run):
 
 
 @torch.no_grad()
+def nar_scores(nar_model, pairs, run):
+    """Sentence log-likelihoods log p_NAR(y|x) (Transformer.score) of (source, target) id pairs,
+    batched by the token budget; a list in the order of `pairs`."""
+    scores = [0.0] * len(pairs)
+    with autocast_for(run.device):
+        for batch in decode.make_batches([max(len(s), len(t)) for s, t in pairs], run.decode_tokens):
+            src = decode.pad_batch([pairs[j][0] for j in batch], run.device)
+            tgt = decode.pad_batch([pairs[j][1] for j in batch], run.device)
+            for j, score in zip(batch, nar_model.score(src, tgt).tolist()):
+                scores[j] = score
+    return scores
+
+
+@torch.no_grad()
 def select_by_nar_likelihood(nar_model, sources, candidates, run):
     """E-step, the selection (Sec. 3 steps 3-4, official score_nat.py + data_selection.py): score every
     (source, candidate) pair by the full NAR log-likelihood log p(T|x) + sum_t log p(y_t|x,T) (special
@@ -60,14 +74,7 @@ def select_by_nar_likelihood(nar_model, sources, candidates, run):
     each source. Returns (selected targets, their NAR scores)."""
     flat = [(i, cand) for i, cands in enumerate(candidates) for cand in cands
             if 0 < len(cand) <= nar_model.cfg.max_len]                # the NAR model cannot emit length 0
-    scores = [float("-inf")] * len(flat)
-    batches = decode.make_batches([len(c) for _, c in flat], run.decode_tokens)
-    with autocast_for(run.device):
-        for batch in batches:
-            src = decode.pad_batch([sources[flat[j][0]] for j in batch], run.device)
-            tgt = decode.pad_batch([flat[j][1] for j in batch], run.device)
-            for j, s in zip(batch, nar_model.score(src, tgt).tolist()):
-                scores[j] = s
+    scores = nar_scores(nar_model, [(sources[i], cand) for i, cand in flat], run)
     best = [(float("-inf"), None)] * len(sources)
     for (i, cand), score in zip(flat, scores):
         if score > best[i][0]:
@@ -162,13 +169,7 @@ def targets_nll(run, nar_model, targets, limit=2000):
     -log p_NAR(y|x) / |y| (length term included), of (up to `limit` of) the targets it was trained on.
     Targets that mix several translations of the same sources cannot all be likely: lower is simpler."""
     pairs = [(s, t) for s, t in zip(run.train_sources, targets) if 0 < len(t) <= run.max_len][:limit]
-    total, tokens = 0.0, 0
-    for batch in decode.make_batches([max(len(s), len(t)) for s, t in pairs], run.decode_tokens):
-        src = decode.pad_batch([pairs[j][0] for j in batch], run.device)
-        tgt = decode.pad_batch([pairs[j][1] for j in batch], run.device)
-        total -= float(nar_model.score(src, tgt).sum())
-        tokens += int((tgt != PAD).sum())
-    return total / max(tokens, 1)
+    return -sum(nar_scores(nar_model, pairs, run)) / max(sum(len(t) for _, t in pairs), 1)
 
 
 def time_per_sentence(fn, sources, device):

@@ -330,8 +330,8 @@ def nar_log_probs(logits):
 def keep_freed_memory_on_cpu():
     """CPU speed: glibc hands large freed blocks (the (tokens, vocab) logits are ~100 MB) back to the OS
     and page-faults them in again at the next step; raising its mmap and trim thresholds keeps them in
-    the heap for reuse (+15% training throughput and
-    -30% time for batched rescoring, measured on a 2-core CPU). No-op without glibc."""
+    the heap for reuse (+15% training throughput and -30% time for batched rescoring, measured on a
+    2-core CPU). No-op without glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)                 # M_MMAP_THRESHOLD: serve large blocks from the heap

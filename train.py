@@ -113,6 +113,26 @@ def save_resume_state(path, model, optimizer, scheduler, position):
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, path)
 
 
+def forward_backward(model, src, tgt, cfg, desc):
+    """Loss and gradients of one batch (bf16 autocast on CUDA). Returns (loss, target tokens).
+    Out of memory becomes a TrainingError that says which budget to lower."""
+    try:
+        with autocast_for(cfg.device):
+            loss, n_tokens = model(src, tgt)
+        loss.backward()
+    except torch.OutOfMemoryError:
+        raise TrainingError(f"{desc}: out of memory on a batch of {tgt.numel()} target tokens; "
+                            f"lower --max-tokens (now {cfg.max_tokens})") from None
+    return loss, n_tokens
+
+
+def optimizer_step(model, optimizer, cfg):
+    """Clip the gradient norm, take one AdamW step, clear the gradients."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc="train", meta=None):
     """Train `model` on id pairs; keep the best model (lowest validation loss) in out_dir as
     model.pt + config.json and return the model with those weights and a summary dict.
@@ -147,22 +167,14 @@ def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc
             for batch in batches[position["batch"]:]:
                 start = time.perf_counter()
                 src, tgt = collate([train_pairs[i] for i in batch], cfg.device)
-                try:
-                    with autocast_for(cfg.device):
-                        loss, n_tokens = model(src, tgt)
-                    loss.backward()
-                except torch.OutOfMemoryError:
-                    raise TrainingError(f"{desc}: out of memory on a batch of {tgt.numel()} target tokens; "
-                                        f"lower --max-tokens (now {cfg.max_tokens})") from None
+                loss, n_tokens = forward_backward(model, src, tgt, cfg, desc)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise TrainingError(f"{desc}: the loss became {loss_value} at step {position['step'] + 1}; "
                                         f"the last good weights are in {out_dir}; lower --lr (now {cfg.lr}) "
                                         f"and run again")
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-                optimizer.step()
+                optimizer_step(model, optimizer, cfg)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 position["step"] += 1
                 position["batch"] += 1
                 position["tokens"] += int(n_tokens)
@@ -294,12 +306,8 @@ def benchmark(args):
         for i, batch in enumerate(tqdm(batches[:args.benchmark_steps + 3], desc=f"train {kind}", leave=False)):
             start = time.perf_counter()
             src, tgt = collate([pairs[j] for j in batch], cfg.device)
-            with autocast_for(cfg.device):
-                loss, n = model(src, tgt)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, n = forward_backward(model, src, tgt, cfg, f"benchmark {kind}")
+            optimizer_step(model, optimizer, cfg)
             n = int(n)                                        # waits for the step to finish
             if i >= 3:                                        # the first steps warm up the allocator
                 tokens += n + (len(batch) if kind == "ar" else 0)   # AR also predicts <eos>, as fairseq counts

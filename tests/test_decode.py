@@ -8,7 +8,7 @@ import torch
 from decode import (ar_beam_search, ar_greedy, detokenize, length_penalty, nar_decode, odd_viterbi,
                     translate_ids, translate_lines, build_parser)
 from data import Vocab
-from model import EOS, PAD, ModelConfig, Transformer, SPECIALS
+from model import PAD, ModelConfig, Transformer, SPECIALS
 
 torch.set_num_threads(2)
 

@@ -5,9 +5,9 @@ import random
 
 import torch
 
-from data import make_batches, collate
+from data import collate
 from decode import ar_greedy
-from model import BOS, EOS, PAD, ModelConfig, Transformer, ar_log_probs
+from model import PAD, ModelConfig, Transformer, ar_log_probs
 from train import TrainConfig, train_model
 
 torch.set_num_threads(2)
