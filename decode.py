@@ -20,14 +20,16 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import sacrebleu
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import BPE, DataError, Vocab, make_batches, pad_batch, read_lines, remove_bpe
-from model import (EOS, PAD, BOS, CheckpointError, Transformer, ar_log_probs, autocast_for,
-                   keep_freed_memory_on_cpu, load_checkpoint, model_config, nar_log_probs, pick_device)
+from model import (EOS, PAD, BOS, CheckpointError, Transformer, autocast_for, keep_freed_memory_on_cpu,
+                   load_checkpoint, model_config, pick_device, synchronize)
 
 EARLY_STOP_EVERY = 4          # beam steps between "are all beams finished?" host checks
 NEG_INF = float("-inf")
@@ -37,28 +39,38 @@ NEG_INF = float("-inf")
 # AR decoding
 # ------------------------------------------------------------------------------------------------
 def length_penalty(lengths, alpha):
-    """GNMT length penalty ((5 + len) / 6)^alpha; scores are divided by it (PAPER.md Sec. 5)."""
+    """GNMT length penalty ((5 + len) / 6)^alpha, len counting the final <eos>; a hypothesis is ranked
+    by its log-probability divided by it. alpha = 0 ranks by raw log-probability."""
     return ((5.0 + lengths.float()) / 6.0) ** alpha
 
 
 def max_output_len(src, model, a=1.2, b=10):
-    """Longest AR output allowed per sentence, a * |x| + b capped by the model: (batch,)."""
+    """Most output tokens (not counting <eos>) allowed per sentence, a * |x| + b capped by the model's
+    max_len: (batch,). At that length the AR model is forced to end."""
     src_len = (src != PAD).sum(1)
     return (a * src_len + b).long().clamp(max=model.cfg.max_len)
 
 
+def allow_only_eos(logp, at_limit):
+    """Where at_limit (rows, 1) is true, every token but <eos> is forbidden: the output has reached its
+    maximum length. logp: (rows, vocab)."""
+    not_eos = torch.arange(logp.size(-1), device=logp.device) != EOS
+    return logp.masked_fill(at_limit & not_eos, NEG_INF)
+
+
 @torch.no_grad()
 def ar_greedy(model, src, max_len=None):
-    """Greedy AR decoding. src: (batch, src_len) -> tokens (batch, out_len), PAD after the end."""
+    """Greedy AR decoding. src: (batch, src_len) -> tokens (batch, out_len), PAD after the end.
+    An output holds at most max_len tokens (then <eos> is forced)."""
     max_len = max_output_len(src, model) if max_len is None else max_len
     enc, keep = model.encode(src)
-    cache, steps = model.new_cache(), int(max_len.max())
+    cache, steps = model.new_cache(), int(max_len.max()) + 1
     token = src.new_full((src.size(0),), BOS)
     finished = torch.zeros_like(token, dtype=torch.bool)
     out = []
     for step in range(steps):
-        token = ar_log_probs(model.ar_step(token, step, enc, keep, cache)).argmax(-1)
-        token = torch.where(step + 1 >= max_len, torch.full_like(token, EOS), token)  # forced end
+        logp = model.decoding_log_probs(model.ar_step(token, step, enc, keep, cache))   # (batch, vocab)
+        token = allow_only_eos(logp, (step >= max_len)[:, None]).argmax(-1)
         token = token.masked_fill(finished, PAD)
         out.append(token)
         finished |= token == EOS
@@ -68,52 +80,96 @@ def ar_greedy(model, src, max_len=None):
     return tokens.masked_fill(tokens == EOS, PAD)
 
 
+@dataclass
+class BeamState:
+    """The beam search of the sentences still searching. Row i of every per-sentence tensor belongs to
+    sentence `index[i]` of the batch; hypothesis rows are grouped by sentence, `beam` rows each."""
+    index: torch.Tensor        # (n,) positions in the batch
+    max_len: torch.Tensor      # (n,) most output tokens allowed
+    bound: torch.Tensor        # (n,) length penalty of the longest allowed output: the stop test's
+    tokens: torch.Tensor       # (n * beam, 1 + step) live hypotheses, <bos> first
+    scores: torch.Tensor       # (n, beam) their raw log-probabilities (-inf: no hypothesis)
+    fin_tokens: torch.Tensor   # (n, beam, steps) the best finished hypotheses, without <eos>
+    fin_scores: torch.Tensor   # (n, beam) their length-normalised scores, best first
+
+    def keep(self, rows, beam):
+        """Only the sentences `rows` (n',) go on searching."""
+        hyp_rows = (rows[:, None] * beam + torch.arange(beam, device=rows.device)).view(-1)
+        return BeamState(self.index[rows], self.max_len[rows], self.bound[rows], self.tokens[hyp_rows],
+                         self.scores[rows], self.fin_tokens[rows], self.fin_scores[rows]), hyp_rows
+
+
+def beam_step(state, logp, step, beam, alpha):
+    """One step of beam search with a finished set (GNMT, fairseq, the official beamsearch.py), for every
+    sentence at once. logp: (n * beam, vocab) next-token log-probabilities of the live hypotheses.
+    Of the 2 * beam best extensions, those that end in <eos> join the sentence's finished set, ranked
+    by their length-normalised score; the beam best that do not end stay live. So a finished
+    hypothesis never takes a live slot, and never competes on its raw log-probability.
+    Returns the new state and the rows (n * beam,) the live hypotheses came from."""
+    n, k, steps = state.scores.size(0), beam, state.fin_tokens.size(2)
+    logp = allow_only_eos(logp, (step >= state.max_len).repeat_interleave(k)[:, None])
+    vocab = logp.size(1)
+    cand, flat = (state.scores.view(-1, 1) + logp).view(n, k * vocab).topk(2 * k, dim=1)   # (n, 2k)
+    origin, token = flat // vocab, flat % vocab
+    ends = token == EOS
+    # Ended extensions: their prefix (without <bos>) and normalised score, merged into the finished set.
+    prefix = state.tokens.view(n, k, -1)[:, :, 1:].gather(1, origin[..., None].expand(-1, -1, step))
+    ended = F.pad(prefix, (0, steps - step), value=PAD)                    # (n, 2k, steps)
+    ended_scores = (cand / ((5.0 + step + 1) / 6.0) ** alpha).masked_fill(~ends, NEG_INF)   # length_penalty
+    fin_scores, pick = torch.cat([state.fin_scores, ended_scores], 1).topk(k, dim=1)   # (n, k)
+    fin_tokens = torch.cat([state.fin_tokens, ended], 1).gather(1, pick[..., None].expand(-1, -1, steps))
+    # Live: the k best extensions that do not end.
+    scores, pick = cand.masked_fill(ends, NEG_INF).topk(k, dim=1)         # (n, k)
+    rows = (origin.gather(1, pick) + torch.arange(n, device=flat.device)[:, None] * k).view(-1)
+    tokens = torch.cat([state.tokens.index_select(0, rows), token.gather(1, pick).view(-1, 1)], dim=1)
+    # Exact stop test: log-probabilities only fall as a hypothesis grows and the penalty grows with its
+    # length, so no extension of a live hypothesis can score above (best live raw score) / (penalty of the
+    # longest allowed output). Once that cannot beat the k-th finished score, the sentence is done.
+    done = scores[:, 0] / state.bound <= fin_scores[:, -1]
+    scores = scores.masked_fill(done[:, None], NEG_INF)
+    return BeamState(state.index, state.max_len, state.bound, tokens, scores, fin_tokens, fin_scores), rows
+
+
 @torch.no_grad()
 def ar_beam_search(model, src, beam=5, alpha=1.0, nbest=1, max_len=None):
-    """Batched beam search. src: (batch, src_len).
-    Returns tokens (batch, nbest, out_len) PAD-padded without <eos>, and their length-normalised
-    scores (batch, nbest), best first. A finished hypothesis stays in its beam and is extended by PAD
-    at no cost, so it keeps competing on its raw log-probability; the final ranking divides by the
-    length penalty of its length including <eos>."""
-    b, k = src.size(0), beam
-    max_len = max_output_len(src, model) if max_len is None else max_len
+    """Batched beam search with a finished set. src: (batch, src_len); nbest <= beam.
+    Returns tokens (batch, nbest, out_len) PAD-padded without <eos>, and their length-normalised scores
+    log p(y <eos> | x) / length_penalty(|y| + 1) (batch, nbest), best first. An output holds at most
+    max_len tokens (default max_output_len); a hypothesis that reaches it is forced to end, so every
+    sentence gets `beam` finished hypotheses (when its output space holds that many).
+    Every EARLY_STOP_EVERY steps, one host sync asks which sentences are done; those leave the batch,
+    so the batch shrinks as its sentences end."""
+    if not 1 <= nbest <= beam:
+        raise ValueError(f"nbest must be between 1 and the beam size {beam}, not {nbest}")
+    b, k, device = src.size(0), beam, src.device
+    max_len = max_output_len(src, model) if max_len is None else max_len.to(device)
+    steps = int(max_len.max()) + 1                                         # one sync, before the loop
     enc, keep = model.encode(src)
     enc, keep = enc.repeat_interleave(k, 0), keep.repeat_interleave(k, 0)  # (batch*beam, src_len+1, d)
-    row_max_len = max_len.repeat_interleave(k)                             # (batch*beam,)
-    cache, steps = model.new_cache(), int(max_len.max())                   # one sync, before the loop
-    tokens = src.new_full((b * k, 1), BOS)                                 # (batch*beam, 1 + steps)
-    scores = torch.full((b, k), NEG_INF, device=src.device)
-    scores[:, 0] = 0.0                                                     # one live beam at first
-    finished = torch.zeros(b * k, dtype=torch.bool, device=src.device)
-    out_len = torch.zeros(b * k, dtype=torch.long, device=src.device)      # length incl. <eos>
-    sentence_base = (torch.arange(b, device=src.device) * k)[:, None]      # (batch, 1)
+    cache = model.new_cache()
+    scores = torch.full((b, k), NEG_INF, device=device)
+    scores[:, 0] = 0.0                                                     # one live hypothesis at first
+    state = BeamState(index=torch.arange(b, device=device), max_len=max_len,
+                      bound=length_penalty(max_len + 1, alpha), tokens=src.new_full((b * k, 1), BOS),
+                      scores=scores, fin_tokens=src.new_full((b, k, steps), PAD),
+                      fin_scores=torch.full((b, k), NEG_INF, device=device))
+    out_tokens, out_scores = src.new_full((b, k, steps), PAD), torch.full((b, k), NEG_INF, device=device)
     for step in range(steps):
-        logp = ar_log_probs(model.ar_step(tokens[:, -1], step, enc, keep, cache))  # (batch*beam, vocab)
-        ending = (step + 1 >= row_max_len)[:, None]
-        logp = torch.where(ending & (torch.arange(logp.size(1), device=src.device) != EOS), NEG_INF, logp)
-        # A finished beam may only continue with PAD, at no cost.
-        pad_only = torch.full_like(logp[0], NEG_INF)
-        pad_only[PAD] = 0.0
-        logp = torch.where(finished[:, None], pad_only, logp)
-        vocab = logp.size(1)
-        candidates = (scores.view(-1, 1) + logp).view(b, k * vocab)        # (batch, beam*vocab)
-        scores, flat = candidates.topk(k, dim=1)                           # (batch, beam)
-        origin = (flat // vocab + sentence_base).view(-1)                  # rows the beams came from
-        new_token = (flat % vocab).view(-1)
-        was_finished = finished.index_select(0, origin)
-        out_len = torch.where(was_finished, out_len.index_select(0, origin), torch.full_like(out_len, step + 1))
-        finished = was_finished | (new_token == EOS)
-        tokens = torch.cat([tokens.index_select(0, origin), new_token[:, None]], dim=1)
-        model.reorder_cache(cache, origin)
-        if (step + 1) % EARLY_STOP_EVERY == 0 and bool(finished.all()):
-            break
-    normalised = scores / length_penalty(out_len.view(b, k), alpha)
-    normalised = normalised.masked_fill(~finished.view(b, k), NEG_INF)    # never return a cut-off beam
-    best_scores, order = normalised.topk(nbest, dim=1)                     # (batch, nbest)
-    rows = (order + sentence_base).view(-1)
-    out = tokens.index_select(0, rows)[:, 1:]                              # drop <bos>
-    out = out.masked_fill(out == EOS, PAD)
-    return out.view(b, nbest, -1), best_scores
+        logp = model.decoding_log_probs(model.ar_step(state.tokens[:, -1], step, enc, keep, cache))
+        state, rows = beam_step(state, logp, step, k, alpha)
+        model.reorder_cache(cache, rows)
+        if (step + 1) % EARLY_STOP_EVERY and step + 1 < steps:
+            continue
+        searching = (state.scores[:, 0] > NEG_INF).nonzero().squeeze(1)   # host sync
+        if searching.numel() < state.index.numel():                       # some sentences are done
+            out_tokens[state.index], out_scores[state.index] = state.fin_tokens, state.fin_scores
+            if searching.numel() == 0:
+                break
+            state, hyp_rows = state.keep(searching, k)
+            enc, keep = enc.index_select(0, hyp_rows), keep.index_select(0, hyp_rows)
+            model.shrink_cache(cache, hyp_rows)
+    out_tokens[state.index], out_scores[state.index] = state.fin_tokens, state.fin_scores
+    return out_tokens[:, :nbest], out_scores[:, :nbest]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,24 +211,30 @@ def argmax_decode(logp, lengths):
     return tokens.masked_fill(~real, PAD), score.masked_fill(~real, 0.0).sum(1)
 
 
+def length_window(center, beam, max_len):
+    """The B = `beam` length candidates around the predicted lengths `center` (batch,), as the official
+    code builds them: B consecutive lengths from max(L - floor(B/2), 1), shifted down where they would
+    pass max_len, so there are always B distinct lengths (for B <= max_len). -> (batch, beam)."""
+    start = (center - beam // 2).clamp(min=1).clamp(max=max(max_len - beam + 1, 1))
+    return (start[:, None] + torch.arange(beam, device=center.device)).clamp(max=max_len)
+
+
 @torch.no_grad()
 def nar_decode(model, src, length_beam=1, odd=True, rescorer=None, alpha=1.0, lengths=None):
-    """NAR decoding of a batch (PAPER.md Sec. 5).
-    Length candidates: the predicted length L (or the given `lengths`, for oracle-length analysis)
-    and its neighbours L - floor(B/2) .. L + floor(B/2) for a length beam B, all decoded in one pass.
-    Each candidate is scored by the NAR model (log p(T|x) + its tokens' log-probs) or, with an AR
-    `rescorer`, by the AR log-likelihood over the length penalty (NPD); the best is kept.
-    src: (batch, src_len) -> tokens (batch, out_len), PAD-padded."""
+    """NAR decoding of a batch: the predicted length L (or the given `lengths`, for oracle-length
+    analysis) and, for a length beam B, the window of B lengths around it (length_window), all decoded
+    in one pass by ODD or argmax. Each candidate is scored by the NAR model (log p(T|x) + its tokens'
+    log-probs) or, with an AR `rescorer`, by the AR log-likelihood over the length penalty (NPD, in
+    float32); the best is kept. src: (batch, src_len) -> tokens (batch, out_len), PAD-padded."""
     b, beam = src.size(0), length_beam
     enc, keep = model.encode(src)
     len_logp = model.length_logits(enc).float().log_softmax(-1)           # (batch, max_len+1)
     len_logp[:, 0] = NEG_INF                                               # no empty outputs
     center = len_logp.argmax(-1) if lengths is None else lengths
-    offsets = torch.arange(beam, device=src.device) - beam // 2
-    cand_len = (center[:, None] + offsets).clamp(1, model.cfg.max_len)    # (batch, beam)
+    cand_len = length_window(center, beam, model.cfg.max_len)             # (batch, beam)
     flat_len = cand_len.view(-1)
     enc, keep = enc.repeat_interleave(beam, 0), keep.repeat_interleave(beam, 0)
-    logp = nar_log_probs(model.nar_logits(flat_len, enc, keep))           # (batch*beam, t, vocab)
+    logp = model.decoding_log_probs(model.nar_logits(flat_len, enc, keep))   # (batch*beam, t, vocab)
     tokens, token_score = (odd_viterbi if odd else argmax_decode)(logp, flat_len)
     if rescorer is not None and beam > 1:
         src_rows = src.repeat_interleave(beam, 0)
@@ -191,34 +253,49 @@ def tokens_to_lists(tokens):
     return [[i for i in row if i != PAD] for row in tokens.tolist()]
 
 
-@torch.no_grad()
-def translate_ids(model, sources, method="beam", beam=5, alpha=1.0, nbest=1, length_beam=1, odd=True,
-                  rescorer=None, max_tokens=4096, device="cpu", progress=False):
-    """Translate a list of source id lists, batching by a token budget and restoring the order.
-    method: "greedy" | "beam" (AR) | "nar". Returns a list of id lists, or with nbest > 1 a list of
-    nbest-lists. On CUDA the models run under bf16 autocast."""
-    rows_per_source = beam if method == "beam" else (length_beam if method == "nar" else 1)
+def decode_corpus(model, sources, decode_batch, rows_per_source, max_tokens, device, progress, desc):
+    """Run decode_batch(src) -> one result per sentence over a list of source id lists, batched by a
+    token budget (rows_per_source rows a sentence), and return the results in the order of `sources`.
+    On CUDA the models run under bf16 autocast."""
     batches = make_batches([len(s) for s in sources], max(max_tokens // rows_per_source, 1))
     results = [None] * len(sources)
     model.eval()
-    bar = tqdm(total=len(sources), desc=f"decode ({method})", disable=not progress, leave=False)
+    bar = tqdm(total=len(sources), desc=desc, disable=not progress, leave=False)
     with autocast_for(device):
         for batch in batches:
-            src = pad_batch([sources[i] for i in batch], device)
-            if method == "greedy":
-                outs = tokens_to_lists(ar_greedy(model, src))
-            elif method == "beam":
-                tokens, _ = ar_beam_search(model, src, beam=beam, alpha=alpha, nbest=nbest)
-                flat = tokens_to_lists(tokens.flatten(0, 1))
-                outs = [flat[i * nbest:(i + 1) * nbest] for i in range(len(batch))] if nbest > 1 else flat
-            else:
-                outs = tokens_to_lists(nar_decode(model, src, length_beam=length_beam, odd=odd,
-                                                  rescorer=rescorer, alpha=alpha))
+            outs = decode_batch(pad_batch([sources[i] for i in batch], device))
             for i, out in zip(batch, outs):
                 results[i] = out
             bar.update(len(batch))
     bar.close()
     return results
+
+
+@torch.no_grad()
+def translate_ids(model, sources, method="beam", beam=5, alpha=1.0, length_beam=1, odd=True,
+                  rescorer=None, max_tokens=4096, device="cpu", progress=False):
+    """One translation (a list of ids) per source id list. method: "greedy" | "beam" (AR) | "nar"."""
+    if method == "greedy":
+        fn, rows = (lambda src: tokens_to_lists(ar_greedy(model, src))), 1
+    elif method == "beam":
+        fn, rows = (lambda src: tokens_to_lists(ar_beam_search(model, src, beam=beam, alpha=alpha)[0][:, 0])), beam
+    elif method == "nar":
+        fn, rows = (lambda src: tokens_to_lists(nar_decode(model, src, length_beam=length_beam, odd=odd,
+                                                           rescorer=rescorer, alpha=alpha))), length_beam
+    else:
+        raise ValueError(f"unknown decoding method {method!r}")
+    return decode_corpus(model, sources, fn, rows, max_tokens, device, progress, f"decode ({method})")
+
+
+@torch.no_grad()
+def nbest_ids(model, sources, n, alpha=1.0, max_tokens=4096, device="cpu", progress=False):
+    """The n best beam-search translations (beam n) of every source: a list of n id lists per source,
+    best first. The E-step's candidate set is built from these."""
+    def fn(src):
+        tokens, _ = ar_beam_search(model, src, beam=n, alpha=alpha, nbest=n)   # (batch, n, out_len)
+        flat = tokens_to_lists(tokens.flatten(0, 1))
+        return [flat[i * n:(i + 1) * n] for i in range(src.size(0))]
+    return decode_corpus(model, sources, fn, n, max_tokens, device, progress, f"{n}-best")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,14 +331,17 @@ def detokenize(text):
 def bleu(hypotheses, references, tokenized=True):
     """Corpus BLEU. references: list of reference lists (one list per reference set).
     tokenized=True: 'tokenised BLEU' on the text as it is (tokenize='none'), the figure NAT papers
-    report; tokenized=False: sacreBLEU's standard 13a BLEU on detokenised text. Returns (score, signature)."""
+    report; tokenized=False: sacreBLEU's 13a BLEU on em-nat's detokenisation of output and references
+    (lowercased when every reference is, so that the signature says what was computed).
+    Returns (score, signature)."""
     if tokenized:
         # force=True: the text is tokenised on purpose here, so sacreBLEU's "forgot to detokenize?"
         # warning does not apply.
         metric = sacrebleu.BLEU(tokenize="none", force=True)
         result = metric.corpus_score(hypotheses, references)
     else:
-        metric = sacrebleu.BLEU()
+        lowercased = all(r == r.lower() for refs in references for r in refs)
+        metric = sacrebleu.BLEU(lowercase=lowercased)
         result = metric.corpus_score([detokenize(h) for h in hypotheses],
                                      [[detokenize(r) for r in refs] for refs in references])
     return result.score, str(metric.get_signature())
@@ -286,6 +366,18 @@ def load_translator(directory, device):
     return model, config, vocab, BPE.load(bpe_path) if os.path.isfile(bpe_path) else None
 
 
+def load_rescorer(directory, vocab, device):
+    """The AR model of `directory` for NPD rescoring; it must share the NAR model's vocabulary."""
+    rescorer, config, rescorer_vocab, _ = load_translator(directory, device)
+    if config["model"]["kind"] != "ar":
+        raise CheckpointError(f"{directory}: --rescore-with needs an AR checkpoint, this one is "
+                              f"{config['model']['kind']}")
+    if rescorer_vocab.itos != vocab.itos:
+        raise CheckpointError(f"{directory}/vocab.txt: differs from the vocabulary of --checkpoint; the rescorer "
+                              f"must come from the same run")
+    return rescorer
+
+
 def translate_lines(lines, model, vocab, bpe, is_bpe, args, rescorer, device):
     """One output line per input line; empty or over-long input lines are handled, never dropped."""
     limit = model.cfg.max_len
@@ -307,36 +399,33 @@ def translate_lines(lines, model, vocab, bpe, is_bpe, args, rescorer, device):
 
 def benchmark(args, device):
     """Latency of AR (greedy, beam) vs NAR (ODD with one length, length beam + AR rescoring) on the
-    same sentences in one run. Random weights unless checkpoints are given: the AR model is then kept
-    from ending early (its <eos> logit is masked) and the NAR model given the same output length, so
+    same sentences in one run, with random weights: the AR model is kept from ending early (its <eos>
+    logit is pushed down until the forced end) and the NAR model is given the same output length, so
     both produce exactly --tgt-len tokens and the comparison is like for like."""
     torch.manual_seed(0)
     vocab_size = 10000
     ar = Transformer(model_config(args.preset, vocab_size, "ar", dropout=0.0)).to(device).eval()
     nar = Transformer(model_config(args.preset, vocab_size, "nar", dropout=0.0)).to(device).eval()
     with torch.no_grad():
-        ar.out_bias[EOS] = NEG_INF
+        ar.out_bias[EOS] = -1e4
     n, src_len, tgt_len = args.sentences, args.src_len, args.tgt_len
     src = torch.randint(4, vocab_size, (n, src_len), device=device)
-    fixed = torch.full((n,), tgt_len, device=device)
-    out_len = fixed + 1                                   # AR: tgt_len tokens, then the forced <eos>
+    fixed = torch.full((n,), tgt_len, device=device)     # AR: tgt_len tokens, then the forced <eos>
 
     def run(fn, batch_size):
         for i in range(0, min(batch_size * 2, n), batch_size):   # warm-up
             fn(src[i:i + batch_size], batch_size)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         for i in range(0, n, batch_size):
             fn(src[i:i + batch_size], batch_size)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         return (time.perf_counter() - start) * 1000 / n    # ms per sentence
 
     systems = {
-        "AR greedy": lambda s, bs: ar_greedy(ar, s, max_len=out_len[:len(s)]),
+        "AR greedy": lambda s, bs: ar_greedy(ar, s, max_len=fixed[:len(s)]),
         f"AR beam {args.beam}": lambda s, bs: ar_beam_search(ar, s, beam=args.beam, alpha=args.alpha,
-                                                             max_len=out_len[:len(s)]),
+                                                             max_len=fixed[:len(s)]),
         "NAR ODD (1 length)": lambda s, bs: nar_decode(nar, s, lengths=fixed[:len(s)]),
         "NAR ODD + AR rescoring (9 lengths)": lambda s, bs: nar_decode(   # the paper's length beam B = 9
             nar, s, length_beam=9, rescorer=ar, alpha=args.alpha, lengths=fixed[:len(s)]),
@@ -372,7 +461,8 @@ def build_parser():
     p.add_argument("--input", help="text file, one sentence per line (default: standard input)")
     p.add_argument("--output", help="write translations here (default: standard output)")
     p.add_argument("--beam", type=int, default=5, help="AR beam size (1 = greedy)")
-    p.add_argument("--alpha", type=float, default=1.0, help="length penalty exponent (paper: 1.4 on IWSLT14)")
+    p.add_argument("--alpha", type=float, help="length penalty exponent (default: the one the checkpoint's run "
+                                               "used; 1.0 for the benchmark; the paper: 1.4 on IWSLT14)")
     p.add_argument("--length-beam", type=int, default=1, help="NAR: number of length candidates (paper: 1 or 9)")
     p.add_argument("--no-odd", action="store_true", help="NAR: plain argmax instead of ODD decoding")
     p.add_argument("--rescore-with", help="NAR: AR checkpoint directory that rescores the length candidates (NPD)")
@@ -392,16 +482,19 @@ def main(argv=None):
     device = pick_device(args.device)
     keep_freed_memory_on_cpu()
     if args.benchmark:
+        args.alpha = 1.0 if args.alpha is None else args.alpha
         benchmark(args, device)
         return
     if not args.checkpoint:
         sys.exit("decode.py: give --checkpoint DIR (a stage directory of a run), or --benchmark")
     try:
         model, config, vocab, bpe = load_translator(args.checkpoint, device)
-        rescorer = load_translator(args.rescore_with, device)[0] if args.rescore_with else None
+        rescorer = load_rescorer(args.rescore_with, vocab, device) if args.rescore_with else None
         lines = read_lines(args.input) if args.input else sys.stdin.read().splitlines()
     except (CheckpointError, DataError) as err:
         sys.exit(f"decode.py: {err}")
+    if args.alpha is None:
+        args.alpha = config.get("alpha", 1.0)          # the length penalty the run used
     text = translate_lines(lines, model, vocab, bpe, config.get("is_bpe", False), args, rescorer, device)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     out.write("".join(line + "\n" for line in text))

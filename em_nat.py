@@ -28,7 +28,7 @@ import torch
 import decode
 from data import BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, write_text_atomic
 from decode import bleu, ids_to_text, translate_ids
-from model import CheckpointError, autocast_for, build_model, load_checkpoint, model_config
+from model import CheckpointError, autocast_for, build_model, load_checkpoint, model_config, synchronize
 from train import TrainingError, train_config, train_model
 
 SHARED_IWSLT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "iwslt14.de-en")
@@ -47,9 +47,8 @@ def distil(ar_model, sources, run):
 def nbest_candidates(ar_model, sources, run):
     """E-step, the quality constraint Q (Sec. 3 step 2): the AR model's N-best beam-search
     candidates for every training source (N = --candidates, 20 in the official code)."""
-    n = run.args.candidates
-    return translate_ids(ar_model, sources, method="beam", beam=n, nbest=n, alpha=run.args.alpha,
-                         max_tokens=run.decode_tokens, device=run.device, progress=True)
+    return decode.nbest_ids(ar_model, sources, run.args.candidates, alpha=run.args.alpha,
+                            max_tokens=run.decode_tokens, device=run.device, progress=True)
 
 
 @torch.no_grad()
@@ -69,9 +68,9 @@ def nar_scores(nar_model, pairs, run):
 @torch.no_grad()
 def select_by_nar_likelihood(nar_model, sources, candidates, run):
     """E-step, the selection (Sec. 3 steps 3-4, official score_nat.py + data_selection.py): score every
-    (source, candidate) pair by the full NAR log-likelihood log p(T|x) + sum_t log p(y_t|x,T) (special
-    tokens masked, NOT length-normalised, as the official code does) and keep the best candidate of
-    each source. Returns (selected targets, their NAR scores)."""
+    (source, candidate) pair by the full NAR log-likelihood log p(T|x) + sum_t log p(y_t|x,T) (no token
+    masked, NOT length-normalised, as the official code does; output layer in float32) and keep the
+    best candidate of each source (ties: the first). Returns (selected targets, their NAR scores)."""
     flat = [(i, cand) for i, cands in enumerate(candidates) for cand in cands
             if 0 < len(cand) <= nar_model.cfg.max_len]                # the NAR model cannot emit length 0
     scores = nar_scores(nar_model, [(sources[i], cand) for i, cand in flat], run)
@@ -139,7 +138,7 @@ def align_posterior(prob, src, tgt):
 
 
 # ------------------------------------------------------------------------------------------------
-# Evaluation of a stage's model on the validation set
+# Evaluation of a stage's model on the test split (the validation split only chooses checkpoints)
 # ------------------------------------------------------------------------------------------------
 def repeat_rate(outputs):
     """Percentage of output tokens equal to the token before them: the NAR multi-modality symptom."""
@@ -148,19 +147,20 @@ def repeat_rate(outputs):
 
 
 def quality(run, outputs):
-    """BLEU (and on the toy task the valid-translation rate) of id outputs on the validation set."""
+    """BLEU (and on the toy task the valid-translation rate) of id outputs on the evaluation split."""
     hyps = [ids_to_text(out, run.corpus.vocab, run.corpus.is_bpe) for out in outputs]
-    sources = [s for s, _ in run.corpus.valid]
+    pairs = getattr(run.corpus, run.eval_split)
+    sources = [s for s, _ in pairs]
     if run.corpus.toy is not None:
         valid_sets = [run.corpus.toy.valid_translations(s) for s in sources]
         refs = [list(r) for r in zip(*valid_sets)]                        # 6 reference sets
         score, _ = bleu(hyps, refs)
         rate = 100.0 * sum(h in v for h, v in zip(hyps, valid_sets)) / len(hyps)
         return {"bleu": score, "valid_rate": rate}
-    refs = [[decode.remove_bpe(" ".join(t)) if run.corpus.is_bpe else " ".join(t) for _, t in run.corpus.valid]]
+    refs = [[decode.remove_bpe(" ".join(t)) if run.corpus.is_bpe else " ".join(t) for _, t in pairs]]
     tok_bleu, _ = bleu(hyps, refs, tokenized=True)
-    sacre, signature = bleu(hyps, refs, tokenized=False)
-    return {"bleu": tok_bleu, "sacrebleu": sacre, "signature": signature}
+    detok, signature = bleu(hyps, refs, tokenized=False)
+    return {"bleu": tok_bleu, "detok_bleu": detok, "signature": signature}
 
 
 @torch.no_grad()
@@ -175,16 +175,16 @@ def targets_nll(run, nar_model, targets, limit=2000):
 def time_per_sentence(fn, sources, device):
     """Milliseconds per sentence of fn(src) over sources decoded one at a time (batch size 1)."""
     fn(decode.pad_batch([sources[0]], device))                            # warm-up
+    synchronize(device)
     start = time.perf_counter()
     for s in sources:
         fn(decode.pad_batch([s], device))
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - start) * 1000 / len(sources)
 
 
 def evaluate_ar(run, ar_model):
-    outs = translate_ids(ar_model, run.valid_sources, method="beam", beam=run.args.beam, alpha=run.args.alpha,
+    outs = translate_ids(ar_model, run.eval_sources, method="beam", beam=run.args.beam, alpha=run.args.alpha,
                          max_tokens=run.decode_tokens, device=run.device)
     return {**quality(run, outs), "repeats": repeat_rate(outs)}
 
@@ -193,11 +193,11 @@ def evaluate_nar(run, nar_model, ar_model):
     """NAR BLEU with plain argmax, with ODD, and with ODD + AR rescoring of a length beam (NPD); and the
     speed-up of NAR ODD over AR beam search at batch size 1, timed side by side."""
     common = dict(method="nar", max_tokens=run.decode_tokens, device=run.device)
-    argmax = translate_ids(nar_model, run.valid_sources, odd=False, **common)
-    odd = translate_ids(nar_model, run.valid_sources, odd=True, **common)
-    rescored = translate_ids(nar_model, run.valid_sources, odd=True, length_beam=run.args.length_beam,
+    argmax = translate_ids(nar_model, run.eval_sources, odd=False, **common)
+    odd = translate_ids(nar_model, run.eval_sources, odd=True, **common)
+    rescored = translate_ids(nar_model, run.eval_sources, odd=True, length_beam=run.args.length_beam,
                              rescorer=ar_model, alpha=run.args.alpha, **common)
-    timed = run.valid_sources[:run.args.speed_sentences]
+    timed = run.eval_sources[:run.args.speed_sentences]
     with torch.no_grad(), autocast_for(run.device):
         ar_ms = time_per_sentence(lambda s: decode.ar_beam_search(ar_model, s, beam=run.args.beam,
                                                                   alpha=run.args.alpha), timed, run.device)
@@ -228,11 +228,16 @@ class Run:
         self.corpus = self.load_corpus()
         self.check_run_dir()
         self.train_ids = self.corpus.ids("train")
-        valid_ids = self.corpus.ids("valid")
         self.train_sources = [s for s, _ in self.train_ids]
-        # Validation loss needs pairs the model can hold; BLEU decodes every validation sentence.
+        # The validation split chooses checkpoints (its loss needs pairs the model can hold); every stage
+        # is evaluated on the test split, as the paper reports, or on validation where no test split exists.
+        valid_ids = self.corpus.ids("valid")
         self.valid_loss_pairs = [(s, t) for s, t in valid_ids if max(len(s), len(t)) <= self.max_len]
-        self.valid_sources = [s[:self.max_len] for s, _ in valid_ids]
+        if not self.valid_loss_pairs:
+            raise DataError(f"{self.corpus.name}: none of the {len(valid_ids)} validation pairs is within "
+                            f"--max-len {self.max_len} tokens, so no checkpoint could be chosen; raise --max-len")
+        self.eval_split = "test" if self.corpus.test else "valid"
+        self.eval_sources = [s[:self.max_len] for s, _ in self.corpus.ids(self.eval_split)]
 
     def load_corpus(self):
         args = self.args
@@ -251,7 +256,9 @@ class Run:
         would mix models trained on different vocabularies."""
         settings = {"data": self.corpus.name, "preset": self.preset, "seed": self.args.seed,
                     "vocab_size": len(self.corpus.vocab), "train_pairs": len(self.corpus.train),
-                    "candidates": self.args.candidates, "em_init": self.args.em_init,
+                    "candidates": self.args.candidates, "em_init": self.args.em_init, "alpha": self.args.alpha,
+                    "kd_beam": self.args.kd_beam, "beam": self.args.beam, "length_beam": self.args.length_beam,
+                    "bpe_merges": self.args.bpe_merges if self.args.data_dir else None,
                     "max_len": self.max_len, "train": {k: v for k, v in vars(self.cfg).items() if k != "device"}}
         path = os.path.join(self.dir, "run.json")
         if os.path.isfile(path):
@@ -310,7 +317,7 @@ class Run:
             print(f"{name}: {len(targets) - len(pairs)} of {len(targets)} targets are empty or longer than "
                   f"{self.max_len} tokens and are left out")
         model, summary = train_model(model, pairs, self.valid_loss_pairs, self.cfg, stage, desc=name,
-                                     meta={"stage": name, "is_bpe": self.corpus.is_bpe})
+                                     meta={"stage": name, "is_bpe": self.corpus.is_bpe, "alpha": self.args.alpha})
         return model, summary
 
     def targets_or(self, name, filename, compute):
@@ -369,7 +376,7 @@ def run_stage(run, name):
         trained_on = f"{ar_name} beam outputs"
         model, summary = run.train(name, run.new_model(name, "nar", init_from=previous(name)[1]), targets)
         result = evaluate_nar(run, model, run.load(ar_name))
-    result.update(stage=name, kind=model.cfg.kind, trained_on=trained_on, training=summary,
+    result.update(stage=name, kind=model.cfg.kind, trained_on=trained_on, training=summary, split=run.eval_split,
                   targets_entropy=alignment_entropy(list(zip(run.train_sources, targets))),
                   targets_nll=targets_nll(run, model, targets) if model.cfg.kind == "nar" else None)
     return result
@@ -404,21 +411,21 @@ def cell(value, width, digits=2, suffix=""):
 def format_table(results, toy):
     """One row per stage: multi-modality of the training targets, quality, decoding speed-up."""
     header = (f"{'stage':<10} {'trained on':<36} {'H(y|x)':>7} {'NLL':>6} {'BLEU':>6} {'argmax':>7} {'+resc':>6} "
-              + (f"{'valid%':>7} " if toy else f"{'sacre':>6} ") + f"{'rep%':>5} {'speed-up':>8}")
+              + (f"{'valid%':>7} " if toy else f"{'detok':>6} ") + f"{'rep%':>5} {'speed-up':>8}")
     lines = [header, "-" * len(header)]
     for r in results:
         nar = r["kind"] == "nar"
         row = [f"{r['stage']:<10}", f"{r['trained_on'][:36]:<36}", cell(r["targets_entropy"], 7, 3),
                cell(r["targets_nll"], 6, 3), cell(r["bleu"], 6), cell(r["argmax"]["bleu"] if nar else None, 7),
                cell(r["rescored"]["bleu"] if nar else None, 6),
-               cell(r["valid_rate"], 7, 1) if toy else cell(r["sacrebleu"], 6), cell(r["repeats"], 5, 1),
+               cell(r["valid_rate"], 7, 1) if toy else cell(r["detok_bleu"], 6), cell(r["repeats"], 5, 1),
                cell(r["speedup"] if nar else None, 8, 1, "x")]
         lines.append(" ".join(row))
     return "\n".join(lines)
 
 
 TABLE_NOTES = """columns: H(y|x) = lexical multi-modality of the stage's training targets (IBM-1 alignment entropy,
-bits); NLL = the NAR model's -log p(y|x) per token of its own training targets (the EM objective); BLEU = AR beam search / NAR ODD decoding on the validation set{bleu_kind}; argmax = NAR plain argmax;
+bits); NLL = the NAR model's -log p(y|x) per token of its own training targets (the EM objective); BLEU = AR beam search / NAR ODD decoding on the {split} split{bleu_kind}; argmax = NAR plain argmax;
 +resc = NAR ODD over a length beam rescored by the AR model (NPD);{valid} rep% = repeated adjacent tokens
 (AR beam / NAR argmax outputs); speed-up = NAR ODD vs AR beam search, batch size 1, timed side by side."""
 
@@ -434,12 +441,15 @@ def main(args):
         return 1
     toy = run.corpus.toy is not None
     table = format_table(results, toy)
-    print("\n" + table)
+    print(f"\nevaluated on the {run.eval_split} split ({len(run.eval_sources)} sentences)\n" + table)
     print(TABLE_NOTES.format(
         bleu_kind=" (multi-reference: all 6 valid translations)" if toy else " (tokenised, BPE removed)",
-        valid=" valid% = exact valid translations;" if toy else " sacre = sacreBLEU on detokenised text;"))
+        valid=" valid% = exact valid translations;" if toy else
+        " detok = sacreBLEU on em-nat's detokenised output against the detokenised references (not raw\n"
+        "references: comparable within this table, not with published sacreBLEU scores);",
+        split=run.eval_split))
     if not toy:
-        print(f"sacreBLEU signature: {results[0]['signature']}")
+        print(f"detok signature: {results[0]['signature']}")
     write_text_atomic(os.path.join(run.dir, "results.json"), json.dumps(results, indent=2))
     write_text_atomic(os.path.join(run.dir, "results.txt"), table + "\n")
     print(f"saved {os.path.join(run.dir, 'results.json')}")

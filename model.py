@@ -34,9 +34,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Special token ids, in the official code's order (PAPER.md Sec. 4).
+# Special token ids, in the official code's order.
 PAD, EOS, UNK, BOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<eos>", "<unk>", "<bos>"]
+# Tokens a decoder never emits as text. The AR model may emit <eos> (it ends the output); the NAR model
+# may not (its length is chosen by the length classifier). Scoring a *given* target masks nothing.
+NEVER_EMITTED = {"ar": (PAD, BOS, UNK), "nar": (PAD, EOS, BOS, UNK)}
 
 
 @dataclass
@@ -178,6 +181,11 @@ class Transformer(nn.Module):
         n_dec = cfg.dec_layers + (1 if cfg.kind == "nar" else 0)
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(n_dec))
         self.drop = nn.Dropout(cfg.dropout)
+        # Additive mask over the vocabulary (0 or -inf) for decoding: a buffer on the model's device, so
+        # masking is one addition with no host-to-device copy per step. Not saved in checkpoints.
+        banned = torch.zeros(cfg.vocab_size)
+        banned[[i for i in NEVER_EMITTED[cfg.kind] if i < cfg.vocab_size]] = float("-inf")
+        self.register_buffer("banned", banned, persistent=False)
         if cfg.kind == "nar":
             # Length classes 0..max_len; logits = W h_0 from the summary slot (PAPER.md Sec. 4).
             self.length_head = nn.Linear(d, cfg.max_len + 1, bias=False)
@@ -190,6 +198,19 @@ class Transformer(nn.Module):
 
     def output_logits(self, h):  # (batch, len, d) -> (batch, len, vocab), tied to the embedding
         return F.linear(h, self.embed.weight, self.out_bias)
+
+    def decoding_log_probs(self, logits):
+        """Log-probabilities that decoders search over: the special tokens this kind never emits are
+        masked out. (..., vocab) -> float32 (..., vocab)."""
+        return (logits.float() + self.banned).log_softmax(-1)
+
+    def scoring_log_probs(self, h):
+        """Log-probabilities for scoring given targets (E-step selection, NPD rescoring): the output
+        layer and log-softmax in float32 even under bf16 autocast (bf16 logits shift a sentence's score
+        by ~0.1 nats, enough to flip a selection), and no token masked, so a target that holds <unk>
+        gets its real probability. h: (..., d) -> float32 (..., vocab)."""
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return F.linear(h.float(), self.embed.weight.float(), self.out_bias.float()).log_softmax(-1)
 
     def encode(self, src):
         """src: (batch, src_len) token ids, right-padded with PAD.
@@ -217,6 +238,10 @@ class Transformer(nn.Module):
 
     def ar_logits(self, dec_in, enc, enc_keep):
         """Full teacher-forced pass. dec_in: (batch, t) -> logits (batch, t, vocab)."""
+        return self.output_logits(self.ar_states(dec_in, enc, enc_keep))
+
+    def ar_states(self, dec_in, enc, enc_keep):
+        """The decoder's last hidden states of a teacher-forced pass: (batch, t) -> (batch, t, d)."""
         t = dec_in.size(1)
         pos = torch.arange(t, device=dec_in.device)
         x = self.drop(self.embed_scaled(dec_in) + self.tgt_pos(pos) * math.sqrt(self.cfg.d_model))
@@ -224,7 +249,7 @@ class Transformer(nn.Module):
         enc_mask = attention_mask(enc_keep)
         for layer in self.decoder:
             x = layer(x, enc, enc_mask, causal=True)
-        return self.output_logits(x)
+        return x
 
     def new_cache(self):
         """Per-layer key/value cache for step-by-step AR decoding."""
@@ -249,15 +274,27 @@ class Transformer(nn.Module):
             for key in ("k", "v"):
                 layer_cache["self"][key] = layer_cache["self"][key].index_select(0, index)
 
+    @staticmethod
+    def shrink_cache(cache, index):
+        """Beam search: keep only the rows `index` of every cache, self- and cross-attention alike
+        (used to drop the sentences whose search has ended from the batch)."""
+        for layer_cache in cache:
+            for part in ("self", "cross"):
+                for key in ("k", "v"):
+                    layer_cache[part][key] = layer_cache[part][key].index_select(0, index)
+
     # ----- NAR decoder ---------------------------------------------------------------------------
     def length_logits(self, enc):
         """(batch, src_len+1, d) -> (batch, max_len+1) logits over target lengths, from slot 0."""
         return self.length_head(enc[:, 0])
 
     def nar_logits(self, lengths, enc, enc_keep, max_tgt_len=None):
-        """All target positions at once. lengths: (batch,) target lengths T.
-        The decoder input holds no target token: a zero placeholder plus position embeddings,
-        so the output cannot depend on the target (PAPER.md Sec. 4). Returns (batch, t, vocab)."""
+        """All target positions at once. lengths: (batch,) target lengths T -> (batch, t, vocab)."""
+        return self.output_logits(self.nar_states(lengths, enc, enc_keep, max_tgt_len))
+
+    def nar_states(self, lengths, enc, enc_keep, max_tgt_len=None):
+        """The NAR decoder's last hidden states (batch, t, d). Its input holds no target token: a
+        zero placeholder plus position embeddings, so the output cannot depend on the target."""
         t = int(lengths.max()) if max_tgt_len is None else max_tgt_len
         keep = padding_mask(lengths, t)                                   # (batch, t)
         pos = self.tgt_pos(torch.arange(t, device=lengths.device)) * math.sqrt(self.cfg.d_model)
@@ -265,7 +302,7 @@ class Transformer(nn.Module):
         enc_mask, self_mask = attention_mask(enc_keep), attention_mask(keep)
         for layer in self.decoder:
             x = layer(x, enc, enc_mask, self_mask=self_mask)
-        return self.output_logits(x)
+        return x
 
     # ----- losses and scores ---------------------------------------------------------------------
     def forward(self, src, tgt):
@@ -293,38 +330,23 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def score(self, src, tgt):
-        """Sentence log-likelihoods (batch,), no label smoothing, summed over tokens.
-        AR:  log p(y <eos> | x).
-        NAR: log p(T|x) + sum_t log p(y_t|x,T), with special tokens masked out of the output
-             (official score_nat.py). Not length-normalised: this is the score the EM selection uses."""
+        """Sentence log-likelihoods (batch,) of given targets, no label smoothing, summed over tokens,
+        output layer in float32, no token masked (scoring_log_probs).
+        AR:  log p(y <eos> | x)                        (NPD rescoring of NAR candidates)
+        NAR: log p(T|x) + sum_t log p(y_t | x, T)      (the E-step's selection score, as the official
+             score_nat.py computes it: the length term included, not length-normalised)."""
         enc, enc_keep = self.encode(src)
         if self.cfg.kind == "ar":
             dec_in, dec_out = self.ar_inputs_outputs(tgt)
-            logp = ar_log_probs(self.ar_logits(dec_in, enc, enc_keep))
-            tok = logp.gather(-1, dec_out[..., None]).squeeze(-1)          # (batch, t+1)
+            logp = self.scoring_log_probs(self.ar_states(dec_in, enc, enc_keep))   # (batch, t+1, vocab)
+            tok = logp.gather(-1, dec_out[..., None]).squeeze(-1)                   # (batch, t+1)
             return tok.masked_fill(dec_out == PAD, 0.0).sum(1)
         lengths = (tgt != PAD).sum(1)
-        logp = nar_log_probs(self.nar_logits(lengths, enc, enc_keep, max_tgt_len=tgt.size(1)))
-        tok = logp.gather(-1, tgt[..., None]).squeeze(-1).masked_fill(tgt == PAD, 0.0)
-        len_logp = self.length_logits(enc).float().log_softmax(-1).gather(1, lengths[:, None]).squeeze(1)
-        return len_logp + tok.sum(1)
-
-
-def ar_log_probs(logits):
-    """Log-probabilities of AR outputs with <pad> and <bos> masked out: decoding never emits them,
-    so scoring a sentence (rescoring, tests) uses the same distribution as beam search.
-    (..., vocab) -> float32 (..., vocab)."""
-    logits = logits.float().clone()
-    logits[..., [PAD, BOS]] = float("-inf")
-    return logits.log_softmax(-1)
-
-
-def nar_log_probs(logits):
-    """Log-probabilities of NAR outputs with <pad>, <eos> and <bos> masked out: the NAR model never
-    emits them (its targets hold real tokens only). (..., vocab) -> float32 (..., vocab)."""
-    logits = logits.float().clone()
-    logits[..., [PAD, EOS, BOS]] = float("-inf")
-    return logits.log_softmax(-1)
+        logp = self.scoring_log_probs(self.nar_states(lengths, enc, enc_keep, max_tgt_len=tgt.size(1)))
+        tok = logp.gather(-1, tgt[..., None]).squeeze(-1).masked_fill(tgt == PAD, 0.0)  # (batch, t)
+        with torch.autocast(device_type=enc.device.type, enabled=False):
+            len_logp = self.length_logits(enc.float()).float().log_softmax(-1)  # (batch, max_len+1)
+        return len_logp.gather(1, lengths[:, None]).squeeze(1) + tok.sum(1)
 
 
 def keep_freed_memory_on_cpu():
@@ -338,6 +360,15 @@ def keep_freed_memory_on_cpu():
         libc.mallopt(-1, 1 << 31)                 # M_TRIM_THRESHOLD: keep freed heap memory
     except (OSError, AttributeError):
         pass
+
+
+def synchronize(device):
+    """Wait for queued GPU work (CUDA or MPS) to finish, so that a timer reads the real time."""
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
 
 
 def pick_device(name=None):

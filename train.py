@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from data import collate, make_batches
-from model import autocast_for, count_parameters, keep_freed_memory_on_cpu, pick_device, save_atomic, save_checkpoint
+from model import (autocast_for, count_parameters, keep_freed_memory_on_cpu, pick_device, save_atomic,
+                   save_checkpoint, synchronize)
 
 
 @dataclass
@@ -141,6 +142,9 @@ def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc
     if not train_pairs:
         raise TrainingError(f"{desc}: no training pairs left (every target empty or over the length limit); "
                             f"if they come from an AR model, train that model longer (--ar-steps)")
+    if not valid_pairs:
+        raise TrainingError(f"{desc}: no validation pairs to choose the checkpoint with (every validation pair is "
+                            f"empty or longer than the length limit?); the saved model would never change")
     os.makedirs(out_dir, exist_ok=True)
     steps = cfg.steps_for(model.cfg.kind)
     resume_path = os.path.join(out_dir, "resume.pt")
@@ -273,8 +277,8 @@ def benchmark(args):
     """Throughput on a real corpus (default: ../shared/data/iwslt14.de-en), on this machine:
     target tokens/s of AR and NAR training steps for a preset at a token budget, and sentences/s of
     N-best beam search (N = --candidates), the EM loop's most expensive decoding. Random weights: the
-    AR model's <eos> is masked and every output given its reference length, so beam search does as
-    many steps as a trained model would."""
+    AR model's <eos> is pushed down until the forced end at the reference length, so beam search does
+    as many steps as a trained model would."""
     from data import load_corpus_dir, DataError, pad_batch
     from decode import ar_beam_search
     from em_nat import SHARED_IWSLT
@@ -317,16 +321,17 @@ def benchmark(args):
     torch.manual_seed(0)
     ar = build_model(model_config(preset, len(corpus.vocab), "ar", dropout=0.0), cfg.device).eval()
     with torch.no_grad():
-        ar.out_bias[EOS] = float("-inf")
+        ar.out_bias[EOS] = -1e4
     valid = corpus.ids("valid")[:args.benchmark_sentences]
     n = args.candidates
     start = time.perf_counter()
     for batch in tqdm(make_batches([len(s) for s, _ in valid], max(cfg.max_tokens * 4 // n, 1)), desc="N-best",
                       leave=False):
         src = pad_batch([valid[j][0] for j in batch], cfg.device)
-        out_len = torch.tensor([len(valid[j][1]) + 1 for j in batch], device=cfg.device)
+        out_len = torch.tensor([len(valid[j][1]) for j in batch], device=cfg.device)
         with torch.no_grad(), autocast_for(cfg.device):
             ar_beam_search(ar, src, beam=n, nbest=n, max_len=out_len)
+    synchronize(cfg.device)
     seconds = time.perf_counter() - start
     rows.append((f"AR {n}-best beam search ({len(valid)} sentences)", f"{len(valid) / seconds:,.1f} sentences/s"))
     print()

@@ -7,7 +7,7 @@ import torch
 
 from data import collate
 from decode import ar_greedy
-from model import PAD, ModelConfig, Transformer, ar_log_probs
+from model import PAD, ModelConfig, Transformer
 from train import TrainConfig, train_model
 
 torch.set_num_threads(2)
@@ -60,9 +60,9 @@ def test_cached_step_decoding_equals_teacher_forcing():
     src, tgt = random_batch()
     enc, keep = model.encode(src)
     dec_in, _ = model.ar_inputs_outputs(tgt)
-    full = ar_log_probs(model.ar_logits(dec_in, enc, keep))   # (batch, t+1, vocab)
+    full = model.decoding_log_probs(model.ar_logits(dec_in, enc, keep))   # (batch, t+1, vocab)
     cache = model.new_cache()
-    steps = [ar_log_probs(model.ar_step(dec_in[:, i], i, enc, keep, cache)) for i in range(dec_in.size(1))]
+    steps = [model.decoding_log_probs(model.ar_step(dec_in[:, i], i, enc, keep, cache)) for i in range(dec_in.size(1))]
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
 
 
@@ -132,3 +132,56 @@ def test_ar_learns_to_reverse_sequences(tmp_path):
     exact = sum(o[:len(t)] == t and all(x == PAD for x in o[len(t):])
                 for o, (_, t) in zip(out.tolist(), valid))
     assert exact / len(valid) > 0.95
+
+
+def hand_nar_score(model, src, tgt, bf16=False):
+    """log p(T|x) + sum_t log p(y_t|x,T), computed by hand in float32 from the model's hidden states
+    (the length classifier's input and the decoder's last layer; under bf16 autocast if asked), one
+    position at a time."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        enc, keep = model.encode(src)
+        lengths = (tgt != PAD).sum(1)
+        h = model.nar_states(lengths, enc, keep, max_tgt_len=tgt.size(1))           # (batch, t, d)
+    total = []
+    for row in range(src.size(0)):
+        length_logp = torch.log_softmax(model.length_head.weight.float() @ enc[row, 0].float(), -1)
+        score = float(length_logp[int(lengths[row])])
+        for i in range(int(lengths[row])):
+            logits = model.embed.weight.float() @ h[row, i].float() + model.out_bias.float()
+            score += float(torch.log_softmax(logits, -1)[tgt[row, i]])
+        total.append(score)
+    return torch.tensor(total)
+
+
+def test_nar_score_known_answer():
+    # The E-step's score: the length term plus every token's log-probability, not length-normalised.
+    model = tiny("nar")
+    src, tgt = random_batch()
+    with torch.no_grad():
+        assert torch.allclose(model.score(src, tgt), hand_nar_score(model, src, tgt), atol=1e-4)
+
+
+def test_scores_are_float32_under_bf16_autocast():
+    # Under bf16 autocast the hidden states are bf16, but the output layer and log-softmax of a score
+    # must be float32: compare with the float32 output layer applied to those same hidden states.
+    model = tiny("nar")
+    with torch.no_grad():
+        model.embed.weight.mul_(4.0)                           # sharp logits: bf16 rounding shows
+    src, tgt = random_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.score(src, tgt)
+    with torch.no_grad():
+        expected = hand_nar_score(model, src, tgt, bf16=True)
+    assert torch.allclose(got, expected, atol=1e-3)
+    ar = tiny("ar")
+    with torch.no_grad():
+        ar.embed.weight.mul_(4.0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        enc, keep = ar.encode(src)
+        dec_in, dec_out = ar.ar_inputs_outputs(tgt)
+        h = ar.ar_states(dec_in, enc, keep)
+        got = ar.score(src, tgt)
+    with torch.no_grad():
+        logp = torch.log_softmax(h.float() @ ar.embed.weight.float().T + ar.out_bias.float(), -1)
+        expected = logp.gather(-1, dec_out[..., None]).squeeze(-1).masked_fill(dec_out == PAD, 0).sum(1)
+    assert torch.allclose(got, expected, atol=1e-3)

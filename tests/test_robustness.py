@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from data import Vocab
+from data import DataError, Vocab
 from decode import load_translator
 from model import CheckpointError, ModelConfig, Transformer, load_checkpoint, save_atomic, save_checkpoint, SPECIALS
 from train import TrainConfig, TrainingError, train_model
@@ -146,3 +146,30 @@ def test_out_of_memory_names_the_token_budget_to_lower(tmp_path, monkeypatch):
     monkeypatch.setattr(model, "forward", oom)
     with pytest.raises(TrainingError, match=r"out of memory on a batch .* lower --max-tokens \(now 128\)"):
         train_model(model, copy_pairs(), copy_pairs(5), TrainConfig(ar_steps=5, max_tokens=128), str(tmp_path))
+
+
+def test_an_empty_validation_set_is_an_error(tmp_path):
+    # With no validation pair the best checkpoint would stay the first one saved, silently.
+    with pytest.raises(TrainingError, match="no validation pairs"):
+        train_model(tiny_model(), copy_pairs(20), [], TrainConfig(ar_steps=5, device="cpu"), str(tmp_path))
+    for split in ("train", "valid"):
+        (tmp_path / f"{split}.de").write_text("a b c d e f\n" * 5)
+        (tmp_path / f"{split}.en").write_text("x y z w v u\n" * 5)
+    args = train.build_parser().parse_args(["--data-dir", str(tmp_path), "--bpe-merges", "0", "--max-len", "5",
+                                            "--out", str(tmp_path / "run")])
+    (tmp_path / "train.de").write_text("a b\n" * 5)
+    (tmp_path / "train.en").write_text("x y\n" * 5)
+    import em_nat
+    with pytest.raises(DataError, match="none of the 5 validation pairs is within --max-len 5"):
+        em_nat.Run(args)
+
+
+def test_a_rescorer_from_another_run_is_refused(tmp_path):
+    from decode import load_rescorer
+    ar_dir = tmp_path / "ar"
+    save_checkpoint(tiny_model(), str(ar_dir))
+    Vocab(SPECIALS + [f"w{i}" for i in range(10)]).save(str(ar_dir / "vocab.txt"))
+    other = Vocab(SPECIALS + [f"v{i}" for i in range(10)])
+    with pytest.raises(CheckpointError, match="differs from the vocabulary of --checkpoint"):
+        load_rescorer(str(ar_dir), other, "cpu")
+    assert load_rescorer(str(ar_dir), Vocab.load(str(ar_dir / "vocab.txt")), "cpu").cfg.kind == "ar"
