@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sacrebleu
 import torch
@@ -69,8 +69,8 @@ def ar_greedy(model, src, max_len=None):
     finished = torch.zeros_like(token, dtype=torch.bool)
     out = []
     for step in range(steps):
-        logp = model.decoding_log_probs(model.ar_step(token, step, enc, keep, cache))   # (batch, vocab)
-        token = allow_only_eos(logp, (step >= max_len)[:, None]).argmax(-1)
+        logits = model.ar_step(token, step, enc, keep, cache).float()     # (batch, vocab)
+        token = allow_only_eos(logits, (step >= max_len)[:, None]).argmax(-1)   # the most likely token
         token = token.masked_fill(finished, PAD)
         out.append(token)
         finished |= token == EOS
@@ -86,6 +86,7 @@ class BeamState:
     sentence `index[i]` of the batch; hypothesis rows are grouped by sentence, `beam` rows each."""
     index: torch.Tensor        # (n,) positions in the batch
     max_len: torch.Tensor      # (n,) most output tokens allowed
+    shortest_limit: int        # min(max_len), on the host: before that step no output is forced to end
     bound: torch.Tensor        # (n,) length penalty of the longest allowed output: the stop test's
     tokens: torch.Tensor       # (n * beam, 1 + step) live hypotheses, <bos> first
     scores: torch.Tensor       # (n, beam) their raw log-probabilities (-inf: no hypothesis)
@@ -95,22 +96,40 @@ class BeamState:
     def keep(self, rows, beam):
         """Only the sentences `rows` (n',) go on searching."""
         hyp_rows = (rows[:, None] * beam + torch.arange(beam, device=rows.device)).view(-1)
-        return BeamState(self.index[rows], self.max_len[rows], self.bound[rows], self.tokens[hyp_rows],
+        max_len = self.max_len[rows]
+        return BeamState(self.index[rows], max_len, int(max_len.min()), self.bound[rows], self.tokens[hyp_rows],
                          self.scores[rows], self.fin_tokens[rows], self.fin_scores[rows]), hyp_rows
 
 
-def beam_step(state, logp, step, beam, alpha):
+def best_extensions(scores, logits, log_norm, width):
+    """The `width` best one-token extensions of every sentence's live hypotheses, by raw log-probability.
+    scores: (n, beam) raw log-probabilities of the live hypotheses; logits: (n * beam, vocab) their
+    next-token logits, tokens never emitted at -inf; log_norm: (n * beam, 1) their log-sum-exp.
+    Within one hypothesis log-probabilities rank like logits, so its `width` best tokens by logit hold
+    all it can contribute: top-k per row, then top-k per sentence, and no (rows, vocab) log-softmax is
+    written. Returns scores (n, width), the hypothesis each came from (n, width) and its token."""
+    n, k = scores.shape
+    per_row = min(width, logits.size(1))
+    top_logit, top_token = logits.topk(per_row, dim=1)                    # (n * beam, per_row)
+    logp = top_logit - log_norm                                            # log-softmax of the top few
+    cand = (scores.view(-1, 1) + logp).view(n, k * per_row)
+    cand, flat = cand.topk(width, dim=1)                                   # (n, width)
+    return cand, flat // per_row, top_token.view(n, k * per_row).gather(1, flat)
+
+
+def beam_step(state, logits, step, beam, alpha):
     """One step of beam search with a finished set (GNMT, fairseq, the official beamsearch.py), for every
-    sentence at once. logp: (n * beam, vocab) next-token log-probabilities of the live hypotheses.
-    Of the 2 * beam best extensions, those that end in <eos> join the sentence's finished set, ranked
-    by their length-normalised score; the beam best that do not end stay live. So a finished
-    hypothesis never takes a live slot, and never competes on its raw log-probability.
+    sentence at once. logits: (n * beam, vocab) next-token logits of the live hypotheses, the tokens
+    never emitted at -inf. Of the 2 * beam best extensions, those that end in <eos> join the sentence's
+    finished set, ranked by their length-normalised score; the beam best that do not end stay live.
+    So a finished hypothesis never takes a live slot, and never competes on its raw log-probability.
     Returns the new state and the rows (n * beam,) the live hypotheses came from."""
     n, k, steps = state.scores.size(0), beam, state.fin_tokens.size(2)
-    logp = allow_only_eos(logp, (step >= state.max_len).repeat_interleave(k)[:, None])
-    vocab = logp.size(1)
-    cand, flat = (state.scores.view(-1, 1) + logp).view(n, k * vocab).topk(2 * k, dim=1)   # (n, 2k)
-    origin, token = flat // vocab, flat % vocab
+    log_norm = logits.logsumexp(dim=1, keepdim=True)                      # (n * beam, 1) softmax normaliser
+    if step >= state.shortest_limit:                                       # a host int: no sync
+        # At the length limit only <eos> may follow, with its real log-probability (same normaliser).
+        logits = allow_only_eos(logits, (step >= state.max_len).repeat_interleave(k)[:, None])
+    cand, origin, token = best_extensions(state.scores, logits, log_norm, 2 * k)   # (n, 2k) each
     ends = token == EOS
     # Ended extensions: their prefix (without <bos>) and normalised score, merged into the finished set.
     prefix = state.tokens.view(n, k, -1)[:, :, 1:].gather(1, origin[..., None].expand(-1, -1, step))
@@ -120,14 +139,14 @@ def beam_step(state, logp, step, beam, alpha):
     fin_tokens = torch.cat([state.fin_tokens, ended], 1).gather(1, pick[..., None].expand(-1, -1, steps))
     # Live: the k best extensions that do not end.
     scores, pick = cand.masked_fill(ends, NEG_INF).topk(k, dim=1)         # (n, k)
-    rows = (origin.gather(1, pick) + torch.arange(n, device=flat.device)[:, None] * k).view(-1)
+    rows = (origin.gather(1, pick) + torch.arange(n, device=origin.device)[:, None] * k).view(-1)
     tokens = torch.cat([state.tokens.index_select(0, rows), token.gather(1, pick).view(-1, 1)], dim=1)
     # Exact stop test: log-probabilities only fall as a hypothesis grows and the penalty grows with its
     # length, so no extension of a live hypothesis can score above (best live raw score) / (penalty of the
     # longest allowed output). Once that cannot beat the k-th finished score, the sentence is done.
     done = scores[:, 0] / state.bound <= fin_scores[:, -1]
     scores = scores.masked_fill(done[:, None], NEG_INF)
-    return BeamState(state.index, state.max_len, state.bound, tokens, scores, fin_tokens, fin_scores), rows
+    return replace(state, tokens=tokens, scores=scores, fin_tokens=fin_tokens, fin_scores=fin_scores), rows
 
 
 @torch.no_grad()
@@ -137,26 +156,25 @@ def ar_beam_search(model, src, beam=5, alpha=1.0, nbest=1, max_len=None):
     log p(y <eos> | x) / length_penalty(|y| + 1) (batch, nbest), best first. An output holds at most
     max_len tokens (default max_output_len); a hypothesis that reaches it is forced to end, so every
     sentence gets `beam` finished hypotheses (when its output space holds that many).
-    Every EARLY_STOP_EVERY steps, one host sync asks which sentences are done; those leave the batch,
-    so the batch shrinks as its sentences end."""
+    The beams of a sentence share one copy of its encoder states. Every EARLY_STOP_EVERY steps, one
+    host sync asks which sentences are done; those leave the batch, so the work shrinks as they end."""
     if not 1 <= nbest <= beam:
         raise ValueError(f"nbest must be between 1 and the beam size {beam}, not {nbest}")
     b, k, device = src.size(0), beam, src.device
     max_len = max_output_len(src, model) if max_len is None else max_len.to(device)
-    steps = int(max_len.max()) + 1                                         # one sync, before the loop
-    enc, keep = model.encode(src)
-    enc, keep = enc.repeat_interleave(k, 0), keep.repeat_interleave(k, 0)  # (batch*beam, src_len+1, d)
+    steps = int(max_len.max()) + 1                                         # host syncs before the loop
+    enc, keep = model.encode(src)                                          # (batch, src_len+1, d), one per sentence
     cache = model.new_cache()
     scores = torch.full((b, k), NEG_INF, device=device)
     scores[:, 0] = 0.0                                                     # one live hypothesis at first
-    state = BeamState(index=torch.arange(b, device=device), max_len=max_len,
+    state = BeamState(index=torch.arange(b, device=device), max_len=max_len, shortest_limit=int(max_len.min()),
                       bound=length_penalty(max_len + 1, alpha), tokens=src.new_full((b * k, 1), BOS),
                       scores=scores, fin_tokens=src.new_full((b, k, steps), PAD),
                       fin_scores=torch.full((b, k), NEG_INF, device=device))
     out_tokens, out_scores = src.new_full((b, k, steps), PAD), torch.full((b, k), NEG_INF, device=device)
     for step in range(steps):
-        logp = model.decoding_log_probs(model.ar_step(state.tokens[:, -1], step, enc, keep, cache))
-        state, rows = beam_step(state, logp, step, k, alpha)
+        logits = model.ar_step(state.tokens[:, -1], step, enc, keep, cache).float()   # (n * beam, vocab)
+        state, rows = beam_step(state, logits, step, k, alpha)
         model.reorder_cache(cache, rows)
         if (step + 1) % EARLY_STOP_EVERY and step + 1 < steps:
             continue
@@ -166,8 +184,8 @@ def ar_beam_search(model, src, beam=5, alpha=1.0, nbest=1, max_len=None):
             if searching.numel() == 0:
                 break
             state, hyp_rows = state.keep(searching, k)
-            enc, keep = enc.index_select(0, hyp_rows), keep.index_select(0, hyp_rows)
-            model.shrink_cache(cache, hyp_rows)
+            enc, keep = enc.index_select(0, searching), keep.index_select(0, searching)
+            model.shrink_cache(cache, hyp_rows, searching)
     out_tokens[state.index], out_scores[state.index] = state.fin_tokens, state.fin_scores
     return out_tokens[:, :nbest], out_scores[:, :nbest]
 

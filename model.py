@@ -100,7 +100,7 @@ class Attention(nn.Module):
         mask: bool, broadcastable to (batch, heads, q_len, k_len), True = may attend.
         cache: dict holding this layer's "k"/"v"; self-attention appends the new step to it,
         cross-attention (cache_is_static) computes the encoder's keys/values once and reuses them."""
-        q = self.split_heads(self.q_proj(x))                      # (batch, heads, q_len, d_head)
+        q = self.split_heads(self.q_proj(x))                      # (rows, heads, q_len, d_head)
         if cache is not None and cache_is_static and "k" in cache:
             k, v = cache["k"], cache["v"]
         else:
@@ -110,11 +110,18 @@ class Attention(nn.Module):
                     k = torch.cat([cache["k"], k], dim=2)          # (batch, heads, steps, d_head)
                     v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
+        rows, h, t, dh = q.shape
+        if k.size(0) != rows:
+            # Beam search: the `group` hypotheses of one sentence (consecutive rows) attend to that
+            # sentence's encoder keys/values, held once: their queries are stacked along q_len.
+            group = rows // k.size(0)
+            q = q.view(k.size(0), group, h, t, dh).transpose(1, 2).reshape(k.size(0), h, group * t, dh)
         # With a cache the single query may see every cached step: no causal mask needed (and SDPA's
         # is_causal would wrongly align the query with key 0).
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and cache is None)
-        b, h, t, dh = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, h * dh))
+        if k.size(0) != rows:
+            out = out.view(k.size(0), h, group, t, dh).transpose(1, 2).reshape(rows, h, t, dh)
+        return self.out_proj(out.transpose(1, 2).reshape(rows, t, h * dh))
 
 
 class FeedForward(nn.Sequential):
@@ -196,8 +203,10 @@ class Transformer(nn.Module):
     def embed_scaled(self, tokens):  # (batch, len) -> (batch, len, d)
         return self.embed(tokens) * math.sqrt(self.cfg.d_model)
 
-    def output_logits(self, h):  # (batch, len, d) -> (batch, len, vocab), tied to the embedding
-        return F.linear(h, self.embed.weight, self.out_bias)
+    def output_logits(self, h, banned=False):
+        """(batch, len, d) -> (batch, len, vocab), tied to the embedding. banned=True: the tokens this
+        kind never emits get -inf, folded into the bias (a (vocab,) addition, not a (rows, vocab) one)."""
+        return F.linear(h, self.embed.weight, self.out_bias + self.banned if banned else self.out_bias)
 
     def decoding_log_probs(self, logits):
         """Log-probabilities that decoders search over: the special tokens this kind never emits are
@@ -255,15 +264,17 @@ class Transformer(nn.Module):
         """Per-layer key/value cache for step-by-step AR decoding."""
         return [{"self": {}, "cross": {}} for _ in self.decoder]
 
-    def ar_step(self, token, step, enc, enc_keep, cache):
-        """One decoding step. token: (batch,) last output; step: its position (int).
-        Returns logits (batch, vocab) for the next token; `cache` grows by one step."""
+    def ar_step(self, token, step, enc, enc_keep, cache, banned=True):
+        """One decoding step. token: (rows,) last output; step: its position (int). enc, enc_keep may hold
+        one row per sentence for several consecutive hypothesis rows each (beam search).
+        Returns logits (rows, vocab) for the next token, never-emitted tokens at -inf; `cache` grows by
+        one step."""
         pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)
         x = self.embed_scaled(token[:, None]) + pos                      # (batch, 1, d)
         enc_mask = attention_mask(enc_keep)
         for layer, layer_cache in zip(self.decoder, cache):
             x = layer(x, enc, enc_mask, cache=layer_cache)
-        return self.output_logits(x)[:, 0]
+        return self.output_logits(x, banned)[:, 0]
 
     @staticmethod
     def reorder_cache(cache, index):
@@ -275,13 +286,13 @@ class Transformer(nn.Module):
                 layer_cache["self"][key] = layer_cache["self"][key].index_select(0, index)
 
     @staticmethod
-    def shrink_cache(cache, index):
-        """Beam search: keep only the rows `index` of every cache, self- and cross-attention alike
-        (used to drop the sentences whose search has ended from the batch)."""
+    def shrink_cache(cache, hypotheses, sentences):
+        """Beam search: keep only the self-attention rows `hypotheses` and the cross-attention rows
+        `sentences` (one per sentence) of every layer: drops the sentences whose search has ended."""
         for layer_cache in cache:
-            for part in ("self", "cross"):
+            for part, rows in (("self", hypotheses), ("cross", sentences)):
                 for key in ("k", "v"):
-                    layer_cache[part][key] = layer_cache[part][key].index_select(0, index)
+                    layer_cache[part][key] = layer_cache[part][key].index_select(0, rows)
 
     # ----- NAR decoder ---------------------------------------------------------------------------
     def length_logits(self, enc):

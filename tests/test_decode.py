@@ -130,13 +130,13 @@ def test_stop_rule_is_exact(worst_finished, done):
     # <eos>) costs log 3. Best live extension: -3 - log 3 = -4.10; with alpha 1.4 and at most 10 tokens
     # (11 with <eos>) it can still reach -4.10 / ((5 + 11) / 6)^1.4 = -1.04. That beats a worst finished
     # score of -2.5 (keep searching, although -4.10 < -2.5: a raw-score test would stop), not -0.2.
-    logp = torch.full((2, 6), float("-inf"))
-    logp[:, [EOS, 4, 5]] = -math.log(3)
-    state = BeamState(index=torch.tensor([0]), max_len=torch.tensor([10]),
+    logits = torch.full((2, 6), float("-inf"))
+    logits[:, [EOS, 4, 5]] = 0.0
+    state = BeamState(index=torch.tensor([0]), max_len=torch.tensor([10]), shortest_limit=10,
                       bound=length_penalty(torch.tensor([11]), 1.4), tokens=torch.tensor([[BOS, 4, 5], [BOS, 5, 4]]),
                       scores=torch.tensor([[-3.0, -4.0]]), fin_tokens=torch.full((1, 2, 11), PAD),
                       fin_scores=torch.tensor([[-0.1, worst_finished]]))
-    state, _ = beam_step(state, logp, 2, 2, 1.4)
+    state, _ = beam_step(state, logits, 2, 2, 1.4)
     assert state.fin_scores[0].tolist() == pytest.approx([-0.1, worst_finished])
     assert bool(state.scores[0, 0] == float("-inf")) == done
 
