@@ -1,4 +1,4 @@
-"""data.py: text in, padded tensors out (the data side of PAPER.md Sec. 4 and 6).
+"""data.py: text in, padded tensors out (the data side of the paper's experiments; README "Method").
 
 - `Vocab`: the joint source/target vocabulary, special tokens first (<pad> <eos> <unk> <bos>).
 - `read_parallel`: a pair of aligned text files, one sentence per line, with clear one-line errors.
@@ -314,6 +314,13 @@ class ToyTask:
     def valid_translations(self, src):
         """All valid translations of a source (list of words), as strings, in a fixed order."""
         return [" ".join(self.translate(src, r, f)) for r in self.REGISTERS for f in self.FRAMINGS]
+
+    def mode(self, src, tgt):
+        """Which of the six valid translations `tgt` (a list of words) is, as an index into
+        valid_translations(src), or None for an invalid translation."""
+        text = " ".join(tgt)
+        valid = self.valid_translations(src)
+        return valid.index(text) if text in valid else None
 
     def sample_pairs(self, n, rng):
         return [(src, self.translate(src, rng.choice(self.REGISTERS), rng.choice(self.FRAMINGS)))

@@ -1,20 +1,26 @@
-"""decode.py: everything that turns a trained model into text (PAPER.md Sec. 5).
+"""decode.py: everything that turns a trained model into text (the paper's decoding: README "Method").
 
-- AR: greedy and beam search over a whole batch at once with the key/value cache, the GNMT length
-  penalty ((5 + |y|) / 6)^alpha, early stop once every beam has ended, and N-best lists (the EM loop
-  asks for N = 20 candidates per training source).
-- NAR: the predicted length, or a beam of lengths around it, all decoded in one batched pass; argmax or
-  ODD (optimal de-duplicated) decoding: the best sequence of the predicted length with no two equal
-  neighbours, by Viterbi over the top-3 tokens of each position, batched on the model's device.
-- NPD rescoring: the AR model scores every length candidate in one teacher-forced pass.
+- AR: greedy search, and beam search with a finished set (as GNMT, fairseq and the official
+  beamsearch.py do): each step the 2k best extensions of the k live hypotheses are taken; those ending
+  in <eos> join the sentence's finished set, ranked by the GNMT length-normalised score
+  log p / ((5 + |y|) / 6)^alpha; the k best others stay live; a sentence stops when no live hypothesis
+  can still beat its k-th finished one (exact). N-best lists = the N best finished (the E-step asks for
+  N = 20 candidates per training source). The beams of a sentence share its encoder states, and a
+  sentence leaves the batch once its search is done.
+- NAR: the predicted length, or the official window of B lengths around it, all decoded in one batched
+  pass; argmax or ODD (optimal de-duplicated) decoding: the best sequence of that length with no two
+  equal neighbours, by Viterbi over the top-3 tokens of each position, batched on the model's device.
+- NPD rescoring: the AR model scores every length candidate in one teacher-forced pass (float32).
+- Decoders never emit <pad>, <bos> or <unk> (nor <eos> for the NAR model); scoring a given target
+  masks nothing.
 - BLEU with sacreBLEU, and a command-line translator and latency benchmark:
 
-    python decode.py --checkpoint runs/toy/em2-nar --input valid.txt
-    python decode.py --checkpoint runs/toy/em2-nar --rescore-with runs/toy/em2-ar --length-beam 5
+    python decode.py --checkpoint runs/toy-toy/em2-nar --input source.txt
+    python decode.py --checkpoint runs/toy-toy/em2-nar --rescore-with runs/toy-toy/em2-ar --length-beam 5
     python decode.py --benchmark --preset iwslt
 
 Hot loops (beam steps, Viterbi steps) are tensor work with no host synchronisation, except the beam
-search's "all finished?" test, which runs every EARLY_STOP_EVERY steps.
+search's "which sentences are done?" test, which runs every EARLY_STOP_EVERY steps.
 """
 import argparse
 import os
@@ -194,7 +200,7 @@ def ar_beam_search(model, src, beam=5, alpha=1.0, nbest=1, max_len=None):
 # NAR decoding
 # ------------------------------------------------------------------------------------------------
 def odd_viterbi(logp, lengths, k=3):
-    """ODD decoding (PAPER.md Sec. 5): argmax over y of sum_t logp[t, y_t] subject to y_t != y_{t-1},
+    """ODD (optimal de-duplicated) decoding: argmax over y of sum_t logp[t, y_t] subject to y_t != y_{t-1},
     for each row of a batch, by Viterbi over the top-k tokens of every position.
     k = 3 is exact, not an approximation: a position has two neighbours, which forbid at most two
     tokens, so one of its top three is always allowed and at least as good as any token outside them.
@@ -307,13 +313,14 @@ def translate_ids(model, sources, method="beam", beam=5, alpha=1.0, length_beam=
 
 @torch.no_grad()
 def nbest_ids(model, sources, n, alpha=1.0, max_tokens=4096, device="cpu", progress=False):
-    """The n best beam-search translations (beam n) of every source: a list of n id lists per source,
-    best first. The E-step's candidate set is built from these."""
+    """The n best beam-search translations (beam n) of every source, best first: (a list of n id lists
+    per source, a list of their n length-normalised scores per source). The E-step draws Q from these."""
     def fn(src):
-        tokens, _ = ar_beam_search(model, src, beam=n, alpha=alpha, nbest=n)   # (batch, n, out_len)
+        tokens, scores = ar_beam_search(model, src, beam=n, alpha=alpha, nbest=n)   # (batch, n, out_len)
         flat = tokens_to_lists(tokens.flatten(0, 1))
-        return [flat[i * n:(i + 1) * n] for i in range(src.size(0))]
-    return decode_corpus(model, sources, fn, n, max_tokens, device, progress, f"{n}-best")
+        return [(flat[i * n:(i + 1) * n], row) for i, row in enumerate(scores.tolist())]
+    results = decode_corpus(model, sources, fn, n, max_tokens, device, progress, f"{n}-best")
+    return [cands for cands, _ in results], [scores for _, scores in results]
 
 
 # ------------------------------------------------------------------------------------------------

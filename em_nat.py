@@ -1,58 +1,102 @@
-"""em_nat.py: the EM loop of Sun & Yang (2020) as a chain of resumable stages (PAPER.md Sec. 2-3).
+"""em_nat.py: the EM loop of Sun & Yang (2020), as one function (`em_loop`) over resumable stages.
 
     stage      trains                 on the targets
     ar         AR_0                   the real training data
     nar-raw    NAR (baseline)         the real training data: suffers from multi-modality
-    nar-kd     NAR_0                  AR_0's beam outputs (sequence-level KD: the first M-step)
-    em{i}-ar   AR_i  (E-step)         the candidates that NAR_{i-1} likes best among AR_{i-1}'s N-best
+    nar-kd     NAR_0                  AR_0's beam outputs (sequence-level KD)
+    em{i}-ar   AR_i  (E-step)         within Q_i (AR_{i-1}'s N-best under a quality constraint), the
+                                      candidates NAR_{i-1} likes best
     em{i}-nar  NAR_i (M-step)         AR_i's beam outputs
 
-E-step: q(Y) = argmin_{q in Q} KL(q || p_NAR(Y|X)): within the quality-constrained set (the AR model's
-N-best candidates, good translations by construction) take the targets the NAR model likes best, and
-let a new AR model learn them, so that it approximates that regularised posterior. M-step: train the
-NAR model on the posterior, realised as the new AR model's outputs. Each iteration cannot make the NAR
-objective worse, and the targets get simpler (less multi-modal) as it goes.
-
-Every stage writes its directory (model.pt, config.json, vocab.txt, the targets it trained on,
-result.json last), so a re-run with the same --out continues after the last finished stage.
-`python train.py --help` lists the options; this module holds the steps, train.py the loop.
+README "Method" tells the idea. Every stage writes its directory (model.pt, config.json, vocab.txt, the
+targets it trained on, result.json last), so a re-run with the same --out continues after the last
+finished stage. On the embedded toy task, where the valid translations of every source are known, each
+stage also reports exactly what its training targets are (which of the six valid translations, or none).
+`python train.py --help` lists the options; train.py turns them into the RunConfig used here.
 """
 import json
+import math
 import os
+import random
 import shutil
-import sys
 import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 import decode
 from data import BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, write_text_atomic
-from decode import bleu, ids_to_text, translate_ids
-from model import CheckpointError, autocast_for, build_model, load_checkpoint, model_config, synchronize
-from train import TrainingError, train_config, train_model
+from decode import bleu, ids_to_text, nbest_ids, translate_ids
+from model import autocast_for, build_model, CheckpointError, load_checkpoint, model_config, synchronize
+from train import TrainConfig, train_model
 
 SHARED_IWSLT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "iwslt14.de-en")
+SELECTIONS = ("nar", "random", "ar-top1")
 
 
 # ------------------------------------------------------------------------------------------------
-# The EM steps (PAPER.md Sec. 3)
+# Configuration (filled by train.py's command line)
 # ------------------------------------------------------------------------------------------------
-def distil(ar_model, sources, run):
-    """Sequence-level knowledge distillation (Sec. 3, steps 1 and 5): the AR model's beam-search
-    translation of every training source becomes that source's NAR training target."""
-    return translate_ids(ar_model, sources, method="beam", beam=run.args.kd_beam, alpha=run.args.alpha,
+@dataclass
+class DataConfig:
+    data_dir: str = None          # fairseq-layout corpus directory; None: the embedded toy task
+    src: str = "de"
+    tgt: str = "en"
+    bpe_merges: int = 10000       # joint BPE merges learned on plain text (0: the text as it is)
+    max_len: int = None           # longest sentence in tokens (None: the preset's)
+    max_train_pairs: int = None
+    toy_train_size: int = 6000
+
+
+@dataclass
+class EMConfig:
+    iterations: int = 2           # EM iterations after distillation
+    candidates: int = 20          # N of the AR N-best that Q is drawn from (the official code: 20)
+    quality_margin: float = None  # Q: candidates within this many nats (length-normalised AR score) of the
+                                  # AR model's best; None: all N (the official code)
+    selection: str = "nar"        # E-step: "nar" (the paper), or the controls "random" and "ar-top1"
+    kd_beam: int = 5              # beam of the AR outputs that train NAR models (M-step, KD)
+    beam: int = 5                 # AR beam when evaluating
+    alpha: float = 1.0            # length penalty exponent of beam search and NPD rescoring
+    length_beam: int = 5          # NAR length candidates rescored by the AR model (NPD)
+    init: str = "scratch"         # each iteration's models start from scratch or from the previous ones
+    speed_sentences: int = 50     # test sentences timed at batch size 1 for the speed-up column
+
+
+@dataclass
+class RunConfig:
+    out: str
+    preset: str
+    seed: int = 1
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    em: EMConfig = field(default_factory=EMConfig)
+
+
+# ------------------------------------------------------------------------------------------------
+# The EM steps
+# ------------------------------------------------------------------------------------------------
+def distil(run, ar_model):
+    """Sequence-level knowledge distillation, the M-step's targets: the AR model's beam-search
+    translation of every training source."""
+    return translate_ids(ar_model, run.train_sources, method="beam", beam=run.em.kd_beam, alpha=run.em.alpha,
                          max_tokens=run.decode_tokens, device=run.device, progress=True)
 
 
-def nbest_candidates(ar_model, sources, run):
-    """E-step, the quality constraint Q (Sec. 3 step 2): the AR model's N-best beam-search
-    candidates for every training source (N = --candidates, 20 in the official code)."""
-    return decode.nbest_ids(ar_model, sources, run.args.candidates, alpha=run.args.alpha,
-                            max_tokens=run.decode_tokens, device=run.device, progress=True)
+def quality_constrained_set(candidates, ar_scores, margin):
+    """The E-step's set Q for one source: its AR N-best candidates (good translations by construction,
+    as in the official code) that are also within `margin` nats of the AR model's best length-normalised
+    score (None: no margin). The paper's constraint asks for targets of high expected quality; the
+    margin makes that explicit where the N-best list reaches far below the AR model's own choice."""
+    if margin is None:
+        return list(candidates)
+    best = max(ar_scores)
+    return [c for c, s in zip(candidates, ar_scores) if s >= best - margin]
 
 
 @torch.no_grad()
-def nar_scores(nar_model, pairs, run):
+def nar_scores(run, nar_model, pairs):
     """Sentence log-likelihoods log p_NAR(y|x) (Transformer.score) of (source, target) id pairs,
     batched by the token budget; a list in the order of `pairs`."""
     scores = [0.0] * len(pairs)
@@ -66,28 +110,77 @@ def nar_scores(nar_model, pairs, run):
 
 
 @torch.no_grad()
-def select_by_nar_likelihood(nar_model, sources, candidates, run):
-    """E-step, the selection (Sec. 3 steps 3-4, official score_nat.py + data_selection.py): score every
-    (source, candidate) pair by the full NAR log-likelihood log p(T|x) + sum_t log p(y_t|x,T) (no token
-    masked, NOT length-normalised, as the official code does; output layer in float32) and keep the
-    best candidate of each source (ties: the first). Returns (selected targets, their NAR scores)."""
-    flat = [(i, cand) for i, cands in enumerate(candidates) for cand in cands
+def select_by_nar_likelihood(run, nar_model, sources, sets):
+    """The E-step's selection (official score_nat.py + data_selection.py): score every (source,
+    candidate) pair by the full NAR log-likelihood log p(T|x) + sum_t log p(y_t|x,T) (no token masked,
+    NOT length-normalised, output layer in float32) and keep each source's best candidate (ties: the
+    first). sets: one list of candidates per source. Returns (selected targets, their NAR scores)."""
+    flat = [(i, cand) for i, cands in enumerate(sets) for cand in cands
             if 0 < len(cand) <= nar_model.cfg.max_len]                # the NAR model cannot emit length 0
-    scores = nar_scores(nar_model, [(sources[i], cand) for i, cand in flat], run)
+    scores = nar_scores(run, nar_model, [(sources[i], cand) for i, cand in flat])
     best = [(float("-inf"), None)] * len(sources)
     for (i, cand), score in zip(flat, scores):
         if score > best[i][0]:
             best[i] = (score, cand)
-    selected = [cand if cand is not None else candidates[i][0] for i, (_, cand) in enumerate(best)]
+    selected = [cand if cand is not None else sets[i][0] for i, (_, cand) in enumerate(best)]
     return selected, [score for score, _ in best]
 
 
+def select(run, nar_model, sets, iteration):
+    """The E-step's choice within Q: the NAR model's favourite (the paper), or a control: a random member
+    of Q, or the AR model's own top-1 (one more round of distillation from a retrained AR model)."""
+    if run.em.selection == "nar":
+        return select_by_nar_likelihood(run, nar_model, run.train_sources, sets)[0]
+    if run.em.selection == "random":
+        rng = random.Random(run.cfg.seed * 7919 + iteration)
+        return [rng.choice(cands) for cands in sets]
+    return [cands[0] for cands in sets]                               # ar-top1: the N-best is sorted
+
+
+def e_step(run, stage, ar_model, nar_model, iteration):
+    """E-step i: Q = AR_{i-1}'s N-best under the quality constraint; the targets = NAR_{i-1}'s choice in
+    Q. The N-best (with its AR scores) is saved in the stage directory and read back on resume.
+    Returns (targets, notes on Q for the stage's result)."""
+    candidates, ar_scores = run.saved_nbest(stage, lambda: nbest_ids(
+        ar_model, run.train_sources, run.em.candidates, alpha=run.em.alpha, max_tokens=run.decode_tokens,
+        device=run.device, progress=True))
+    sets = [quality_constrained_set(c, s, run.em.quality_margin) for c, s in zip(candidates, ar_scores)]
+    targets = select(run, nar_model, sets, iteration)
+    return targets, candidate_set_notes(run, sets)
+
+
 # ------------------------------------------------------------------------------------------------
-# Multi-modality of a corpus: conditional entropy of aligned words (after Zhou et al. 2020)
+# Multi-modality of a stage's training targets
 # ------------------------------------------------------------------------------------------------
+def target_modes(run, targets):
+    """Embedded task only (its valid translations are known): which of the six valid translations each
+    training target is. Returns the share of each mode (%), the mode entropy in bits (uniform: 2.58;
+    one mode everywhere: 0) and the share of invalid targets (%)."""
+    toy, words = run.corpus.toy, run.corpus.vocab.decode
+    modes = [toy.mode(src, words(t)) for (src, _), t in zip(run.corpus.train, targets)]
+    counts = Counter(m for m in modes if m is not None)
+    valid = sum(counts.values())
+    shares = [counts[m] / max(valid, 1) for m in range(6)]
+    entropy = -sum(p * math.log2(p) for p in shares if p > 0)
+    return {"mode_shares": [100 * p for p in shares], "mode_entropy": entropy,
+            "invalid": 100.0 * (len(modes) - valid) / max(len(modes), 1)}
+
+
+def candidate_set_notes(run, sets):
+    """What Q holds: its mean size and, on the embedded task, the share of valid translations among its
+    candidates and the share of sources with at least one valid candidate."""
+    notes = {"q_size": sum(map(len, sets)) / max(len(sets), 1)}
+    if run.corpus.toy is not None:
+        toy, words = run.corpus.toy, run.corpus.vocab.decode
+        valid = [[toy.mode(src, words(c)) is not None for c in cands] for (src, _), cands in zip(run.corpus.train, sets)]
+        notes["q_valid"] = 100.0 * sum(map(sum, valid)) / max(sum(map(len, valid)), 1)
+        notes["q_sources_with_valid"] = 100.0 * sum(any(v) for v in valid) / max(len(valid), 1)
+    return notes
+
+
 @torch.no_grad()
 def alignment_entropy(pairs, iterations=5, batch_size=2000):
-    """Corpus-level multi-modality (PAPER.md Sec. 6): fit IBM Model 1 word translation probabilities
+    """Corpus-level multi-modality: fit IBM Model 1 word translation probabilities
     t(y|x) on the pairs (with a NULL source word), align every target token to its most likely
     source token, and return the conditional entropy H(Y|X) of the aligned (x, y) pairs in bits.
     A corpus whose sources are translated consistently one way scores low; one that mixes several
@@ -169,7 +262,7 @@ def targets_nll(run, nar_model, targets, limit=2000):
     -log p_NAR(y|x) / |y| (length term included), of (up to `limit` of) the targets it was trained on.
     Targets that mix several translations of the same sources cannot all be likely: lower is simpler."""
     pairs = [(s, t) for s, t in zip(run.train_sources, targets) if 0 < len(t) <= run.max_len][:limit]
-    return -sum(nar_scores(nar_model, pairs, run)) / max(sum(len(t) for _, t in pairs), 1)
+    return -sum(nar_scores(run, nar_model, pairs)) / max(sum(len(t) for _, t in pairs), 1)
 
 
 def time_per_sentence(fn, sources, device):
@@ -184,7 +277,7 @@ def time_per_sentence(fn, sources, device):
 
 
 def evaluate_ar(run, ar_model):
-    outs = translate_ids(ar_model, run.eval_sources, method="beam", beam=run.args.beam, alpha=run.args.alpha,
+    outs = translate_ids(ar_model, run.eval_sources, method="beam", beam=run.em.beam, alpha=run.em.alpha,
                          max_tokens=run.decode_tokens, device=run.device)
     return {**quality(run, outs), "repeats": repeat_rate(outs)}
 
@@ -195,12 +288,12 @@ def evaluate_nar(run, nar_model, ar_model):
     common = dict(method="nar", max_tokens=run.decode_tokens, device=run.device)
     argmax = translate_ids(nar_model, run.eval_sources, odd=False, **common)
     odd = translate_ids(nar_model, run.eval_sources, odd=True, **common)
-    rescored = translate_ids(nar_model, run.eval_sources, odd=True, length_beam=run.args.length_beam,
-                             rescorer=ar_model, alpha=run.args.alpha, **common)
-    timed = run.eval_sources[:run.args.speed_sentences]
+    rescored = translate_ids(nar_model, run.eval_sources, odd=True, length_beam=run.em.length_beam,
+                             rescorer=ar_model, alpha=run.em.alpha, **common)
+    timed = run.eval_sources[:run.em.speed_sentences]
     with torch.no_grad(), autocast_for(run.device):
-        ar_ms = time_per_sentence(lambda s: decode.ar_beam_search(ar_model, s, beam=run.args.beam,
-                                                                  alpha=run.args.alpha), timed, run.device)
+        ar_ms = time_per_sentence(lambda s: decode.ar_beam_search(ar_model, s, beam=run.em.beam,
+                                                                  alpha=run.em.alpha), timed, run.device)
         nar_ms = time_per_sentence(lambda s: decode.nar_decode(nar_model, s), timed, run.device)
     result = {**quality(run, odd), "repeats": repeat_rate(argmax), "ar_beam_ms": ar_ms, "nar_ms": nar_ms,
               "speedup": ar_ms / nar_ms}
@@ -210,21 +303,51 @@ def evaluate_nar(run, nar_model, ar_model):
 
 
 # ------------------------------------------------------------------------------------------------
-# A run: its directory, its data, its stages
+# The loop
 # ------------------------------------------------------------------------------------------------
+def em_loop(run):
+    """The paper's algorithm. Each `run.stage` trains one model on the targets its function computes
+    (or reads a finished stage back from its directory) and evaluates it; it returns a handle whose
+    .model() loads the model when a later step needs it."""
+    real = [t for _, t in run.train_ids]
+    ar = run.stage("ar", "ar", "real data", lambda: real)                             # AR_0
+    run.stage("nar-raw", "nar", "real data", lambda: real, rescorer=ar)                # the NAR baseline
+    nar = run.stage("nar-kd", "nar", "AR beam outputs (KD)", lambda: distil(run, ar.model()), rescorer=ar)
+    for i in range(1, run.em.iterations + 1):
+        prev_ar, prev_nar = ar, nar
+        # E-step: within Q (AR_{i-1}'s N-best), the targets NAR_{i-1} likes best; AR_i learns them.
+        ar = run.stage(f"em{i}-ar", "ar", f"{prev_ar.name} N-best, {run.em.selection} selection",
+                       lambda: e_step(run, f"em{i}-ar", prev_ar.model(), prev_nar.model(), i), init_from=prev_ar)
+        # M-step: NAR_i learns AR_i's outputs.
+        nar = run.stage(f"em{i}-nar", "nar", f"{ar.name} beam outputs", lambda: distil(run, ar.model()),
+                        init_from=prev_nar, rescorer=ar)
+    return run.results
+
+
+class Stage:
+    """A stage's model, loaded from its directory on first use."""
+
+    def __init__(self, run, name, model=None):
+        self.run, self.name, self._model = run, name, model
+
+    def model(self):
+        if self._model is None:
+            self._model = load_checkpoint(self.run.stage_dir(self.name), self.run.device)[0]
+        return self._model
+
+
 class Run:
-    def __init__(self, args):
-        self.args = args
-        self.preset = args.preset or ("toy" if args.data_dir is None else "iwslt")
-        if args.alpha is None:
-            args.alpha = 1.4 if self.preset == "iwslt" else 1.0      # PAPER.md Sec. 4: alpha 1.4 on IWSLT14
-        self.cfg = train_config(args, self.preset)
-        self.device = self.cfg.device
-        default_name = "toy" if args.data_dir is None else os.path.basename(os.path.normpath(args.data_dir))
-        self.dir = args.out or os.path.join("runs", f"{default_name}-{self.preset}")
+    """A run directory, its data, and the stages trained into it."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self.em = cfg, cfg.em
+        if self.em.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, not {self.em.selection!r}")
+        self.device = cfg.train.device
+        self.dir = cfg.out
         os.makedirs(self.dir, exist_ok=True)
-        self.max_len = args.max_len or model_config(self.preset, 0, "ar").max_len
-        self.decode_tokens = self.cfg.max_tokens * 4
+        self.max_len = cfg.data.max_len or model_config(cfg.preset, 0, "ar").max_len
+        self.decode_tokens = cfg.train.max_tokens * 4
         self.corpus = self.load_corpus()
         self.check_run_dir()
         self.train_ids = self.corpus.ids("train")
@@ -238,29 +361,35 @@ class Run:
                             f"--max-len {self.max_len} tokens, so no checkpoint could be chosen; raise --max-len")
         self.eval_split = "test" if self.corpus.test else "valid"
         self.eval_sources = [s[:self.max_len] for s, _ in self.corpus.ids(self.eval_split)]
+        self.results = []
 
     def load_corpus(self):
-        args = self.args
-        if args.data_dir is None:
-            return make_toy_corpus(seed=args.seed, train_size=args.toy_train_size)
+        data = self.cfg.data
+        if data.data_dir is None:
+            return make_toy_corpus(seed=self.cfg.seed, train_size=data.toy_train_size)
         bpe_path = os.path.join(self.dir, "bpe.codes")
-        corpus = load_corpus_dir(args.data_dir, args.src, args.tgt, args.bpe_merges, self.max_len,
+        corpus = load_corpus_dir(data.data_dir, data.src, data.tgt, data.bpe_merges, self.max_len,
                                  bpe=BPE.load(bpe_path) if os.path.isfile(bpe_path) else None,
-                                 max_train_pairs=args.max_train_pairs)
+                                 max_train_pairs=data.max_train_pairs)
         if corpus.bpe is not None and not os.path.isfile(bpe_path):
             corpus.bpe.save(bpe_path)
         return corpus
 
+    def settings(self):
+        """Everything that shapes the run's models and saved targets (run.json)."""
+        data = asdict(self.cfg.data)
+        if data["data_dir"] is None:
+            data["bpe_merges"] = None
+        train = {k: v for k, v in asdict(self.cfg.train).items() if k != "device"}
+        return {"data": self.corpus.name, "preset": self.cfg.preset, "seed": self.cfg.seed,
+                "vocab_size": len(self.corpus.vocab), "train_pairs": len(self.corpus.train),
+                "max_len": self.max_len, "data_options": data, "train": train,
+                "em": {k: v for k, v in asdict(self.em).items() if k not in ("iterations", "speed_sentences")}}
+
     def check_run_dir(self):
         """A run directory belongs to one data set and one set of settings: resuming it with others
-        would mix models trained on different vocabularies."""
-        settings = {"data": self.corpus.name, "preset": self.preset, "seed": self.args.seed,
-                    "vocab_size": len(self.corpus.vocab), "train_pairs": len(self.corpus.train),
-                    "candidates": self.args.candidates, "em_init": self.args.em_init, "alpha": self.args.alpha,
-                    "kd_beam": self.args.kd_beam, "beam": self.args.beam, "length_beam": self.args.length_beam,
-                    "bpe_merges": self.args.bpe_merges if self.args.data_dir else None,
-                    "max_len": self.max_len, "train": {k: v for k, v in vars(self.cfg).items() if k != "device"}}
-        path = os.path.join(self.dir, "run.json")
+        would mix models trained on different vocabularies or targets."""
+        settings, path = self.settings(), os.path.join(self.dir, "run.json")
         if os.path.isfile(path):
             with open(path) as f:
                 saved = json.load(f)
@@ -280,35 +409,47 @@ class Run:
     def stage_dir(self, name):
         return os.path.join(self.dir, name)
 
+    # ----- one stage ------------------------------------------------------------------------------
+    def stage(self, name, kind, trained_on, make_targets, init_from=None, rescorer=None):
+        """Train a `kind` model on the targets make_targets() returns (a list, or (list, notes)),
+        evaluate it and write result.json; or, if that file exists, read the finished stage back."""
+        path = os.path.join(self.stage_dir(name), "result.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.results.append(json.load(f))
+            print(f"[{name}] finished earlier: {path}")
+            return Stage(self, name)
+        print(f"[{name}] training {'an AR' if kind == 'ar' else 'a NAR'} model on {trained_on} ...")
+        targets, notes = self.targets(name, make_targets)
+        model, summary = self.train(name, self.new_model(name, kind, init_from), targets)
+        result = evaluate_ar(self, model) if kind == "ar" else evaluate_nar(self, model, rescorer.model())
+        result.update(stage=name, kind=kind, trained_on=trained_on, training=summary, split=self.eval_split,
+                      targets_entropy=alignment_entropy(list(zip(self.train_sources, targets))),
+                      targets_nll=targets_nll(self, model, targets) if kind == "nar" else None, **notes)
+        if self.corpus.toy is not None:
+            result.update(target_modes(self, targets))
+        write_text_atomic(path, json.dumps(result, indent=2))
+        resume = os.path.join(self.stage_dir(name), "resume.pt")
+        if os.path.isfile(resume):
+            os.remove(resume)                                             # the stage is done
+        self.results.append(result)
+        print(format_table([result], self.corpus.toy is not None))
+        return Stage(self, name, model)
+
     def new_model(self, name, kind, init_from=None):
-        """A fresh model for stage `name`. The seed is set right here, because building a model draws
-        from the RNG: a resumed stage (which reads its targets from disk instead of loading the AR model
-        that made them) must start from the same weights and dropout stream as an uninterrupted one."""
-        torch.manual_seed(self.args.seed * 1000 + stage_list(self.args.em_iterations).index(name))
-        model = build_model(model_config(self.preset, len(self.corpus.vocab), kind, max_len=self.max_len),
+        """A fresh model. The seed is set right here, from the stage's place in the loop, because
+        building a model draws from the RNG: a resumed stage must start from the same weights and
+        dropout stream as an uninterrupted one."""
+        torch.manual_seed(self.cfg.seed * 1000 + len(self.results))
+        model = build_model(model_config(self.cfg.preset, len(self.corpus.vocab), kind, max_len=self.max_len),
                             self.device)
-        if init_from is not None and self.args.em_init == "warm":
-            model.load_state_dict(load_checkpoint(self.stage_dir(init_from), self.device)[0].state_dict())
+        if init_from is not None and self.em.init == "warm":
+            model.load_state_dict(init_from.model().state_dict())
         return model
-
-    def load(self, name):
-        return load_checkpoint(self.stage_dir(name), self.device)[0]
-
-    def save_targets(self, name, filename, targets):
-        write_text_atomic(os.path.join(self.stage_dir(name), filename),
-                          "".join(" ".join(self.corpus.vocab.decode(t)) + "\n" for t in targets))
-
-    def load_targets(self, name, filename):
-        path = os.path.join(self.stage_dir(name), filename)
-        if not os.path.isfile(path):
-            return None
-        with open(path, encoding="utf-8") as f:
-            return [self.corpus.vocab.encode(line.split()) for line in f.read().split("\n")[:-1]]
 
     def train(self, name, model, targets):
         """Train `model` on (training source, target) pairs into the stage's directory."""
         stage = self.stage_dir(name)
-        os.makedirs(stage, exist_ok=True)
         for file in ("vocab.txt", "bpe.codes"):
             if os.path.isfile(os.path.join(self.dir, file)):
                 shutil.copyfile(os.path.join(self.dir, file), os.path.join(stage, file))
@@ -316,93 +457,53 @@ class Run:
         if len(pairs) < len(targets):
             print(f"{name}: {len(targets) - len(pairs)} of {len(targets)} targets are empty or longer than "
                   f"{self.max_len} tokens and are left out")
-        model, summary = train_model(model, pairs, self.valid_loss_pairs, self.cfg, stage, desc=name,
-                                     meta={"stage": name, "is_bpe": self.corpus.is_bpe, "alpha": self.args.alpha})
-        return model, summary
+        return train_model(model, pairs, self.valid_loss_pairs, self.cfg.train, stage, desc=name,
+                           meta={"stage": name, "is_bpe": self.corpus.is_bpe, "alpha": self.em.alpha})
 
-    def targets_or(self, name, filename, compute):
-        """The stage's training targets: computed once, saved, and read back when resuming."""
+    # ----- targets saved in the stage directory ----------------------------------------------------
+    def targets(self, name, make_targets):
+        """The stage's training targets (and notes on how they were chosen): computed once, saved as
+        train.tgt (+ targets.json), and read back when a stage is resumed."""
         os.makedirs(self.stage_dir(name), exist_ok=True)
-        targets = self.load_targets(name, filename)
-        if targets is None:
-            targets = compute()
-            self.save_targets(name, filename, targets)
-        return targets
+        path, notes_path = os.path.join(self.stage_dir(name), "train.tgt"), os.path.join(self.stage_dir(name),
+                                                                                         "targets.json")
+        if os.path.isfile(path) and os.path.isfile(notes_path):
+            with open(notes_path) as f:
+                return self.read_ids(path), json.load(f)
+        made = make_targets()
+        targets, notes = made if isinstance(made, tuple) else (made, {})
+        self.write_ids(path, targets)
+        write_text_atomic(notes_path, json.dumps(notes))
+        return targets, notes
 
-
-def stage_list(iterations):
-    return ["ar", "nar-raw", "nar-kd"] + [f"em{i}-{k}" for i in range(1, iterations + 1) for k in ("ar", "nar")]
-
-
-def previous(name):
-    """The models an EM stage starts from: (AR_{i-1}, NAR_{i-1}) stage names."""
-    i = int(name[2:name.index("-")])
-    return ("ar", "nar-kd") if i == 1 else (f"em{i - 1}-ar", f"em{i - 1}-nar")
-
-
-def run_stage(run, name):
-    """Train and evaluate one stage; returns its result dict (also written to result.json)."""
-    raw_targets = [t for _, t in run.train_ids]
-    if name == "ar":
-        targets, trained_on = raw_targets, "real data"
-        model, summary = run.train(name, run.new_model(name, "ar"), targets)
-        result = evaluate_ar(run, model)
-    elif name in ("nar-raw", "nar-kd"):
-        if name == "nar-raw":
-            targets, trained_on = raw_targets, "real data"
+    def saved_nbest(self, name, compute):
+        """The E-step's N-best candidates and their AR scores, saved as candidates.tgt / .scores."""
+        path = os.path.join(self.stage_dir(name), "candidates")
+        if os.path.isfile(path + ".tgt") and os.path.isfile(path + ".scores"):
+            flat = self.read_ids(path + ".tgt")
+            with open(path + ".scores") as f:
+                flat_scores = [float(x) for x in f.read().split()]
         else:
-            targets = run.targets_or(name, "train.tgt", lambda: distil(run.load("ar"), run.train_sources, run))
-            trained_on = "AR beam outputs (KD)"
-        model, summary = run.train(name, run.new_model(name, "nar"), targets)
-        result = evaluate_nar(run, model, run.load("ar"))
-    elif name.endswith("-ar"):                                            # E-step
-        prev_ar, prev_nar = previous(name)
+            candidates, scores = compute()
+            flat = [c for cands in candidates for c in cands]
+            flat_scores = [s for row in scores for s in row]
+            self.write_ids(path + ".tgt", flat)
+            write_text_atomic(path + ".scores", "".join(f"{s:.6f}\n" for s in flat_scores))
+        n = self.em.candidates
+        group = lambda items: [items[i * n:(i + 1) * n] for i in range(len(self.train_sources))]
+        return group(flat), group(flat_scores)
 
-        def select():
-            candidates = run.targets_or(name, "candidates.tgt",
-                                        lambda: [c for cs in nbest_candidates(run.load(prev_ar), run.train_sources, run)
-                                                 for c in cs])
-            n = run.args.candidates
-            grouped = [candidates[i * n:(i + 1) * n] for i in range(len(run.train_sources))]
-            return select_by_nar_likelihood(run.load(prev_nar), run.train_sources, grouped, run)[0]
+    def write_ids(self, path, targets):
+        write_text_atomic(path, "".join(" ".join(self.corpus.vocab.decode(t)) + "\n" for t in targets))
 
-        targets = run.targets_or(name, "train.tgt", select)
-        trained_on = f"{prev_ar} N-best selected by {prev_nar}"
-        model, summary = run.train(name, run.new_model(name, "ar", init_from=prev_ar), targets)
-        result = evaluate_ar(run, model)
-    else:                                                                 # M-step
-        ar_name = name.replace("-nar", "-ar")
-        targets = run.targets_or(name, "train.tgt", lambda: distil(run.load(ar_name), run.train_sources, run))
-        trained_on = f"{ar_name} beam outputs"
-        model, summary = run.train(name, run.new_model(name, "nar", init_from=previous(name)[1]), targets)
-        result = evaluate_nar(run, model, run.load(ar_name))
-    result.update(stage=name, kind=model.cfg.kind, trained_on=trained_on, training=summary, split=run.eval_split,
-                  targets_entropy=alignment_entropy(list(zip(run.train_sources, targets))),
-                  targets_nll=targets_nll(run, model, targets) if model.cfg.kind == "nar" else None)
-    return result
+    def read_ids(self, path):
+        with open(path, encoding="utf-8") as f:
+            return [self.corpus.vocab.encode(line.split()) for line in f.read().split("\n")[:-1]]
 
 
-def run_pipeline(run):
-    """All stages in order; a finished stage (its result.json exists) is read back, not redone."""
-    results = []
-    for index, name in enumerate(stage_list(run.args.em_iterations)):
-        path = os.path.join(run.stage_dir(name), "result.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                results.append(json.load(f))
-            print(f"[{name}] finished earlier: {path}")
-            continue
-        print(f"[{name}] {'training' if index else 'training the first AR model'} ...")
-        result = run_stage(run, name)
-        resume = os.path.join(run.stage_dir(name), "resume.pt")
-        write_text_atomic(path, json.dumps(result, indent=2))
-        if os.path.isfile(resume):
-            os.remove(resume)                                             # the stage is done
-        results.append(result)
-        print(format_table([result], run.corpus.toy is not None))
-    return results
-
-
+# ------------------------------------------------------------------------------------------------
+# Tables, and the command line's entry
+# ------------------------------------------------------------------------------------------------
 def cell(value, width, digits=2, suffix=""):
     """A right-aligned table cell; blank where a column does not apply (None)."""
     return f"{'':>{width}}" if value is None else f"{value:>{width - len(suffix)}.{digits}f}{suffix}"
@@ -410,12 +511,12 @@ def cell(value, width, digits=2, suffix=""):
 
 def format_table(results, toy):
     """One row per stage: multi-modality of the training targets, quality, decoding speed-up."""
-    header = (f"{'stage':<10} {'trained on':<36} {'H(y|x)':>7} {'NLL':>6} {'BLEU':>6} {'argmax':>7} {'+resc':>6} "
+    header = (f"{'stage':<8} {'trained on':<34} {'H(y|x)':>7} {'NLL':>6} {'BLEU':>6} {'argmax':>7} {'+resc':>6} "
               + (f"{'valid%':>7} " if toy else f"{'detok':>6} ") + f"{'rep%':>5} {'speed-up':>8}")
     lines = [header, "-" * len(header)]
     for r in results:
         nar = r["kind"] == "nar"
-        row = [f"{r['stage']:<10}", f"{r['trained_on'][:36]:<36}", cell(r["targets_entropy"], 7, 3),
+        row = [f"{r['stage']:<8}", f"{r['trained_on'][:34]:<34}", cell(r["targets_entropy"], 7, 3),
                cell(r["targets_nll"], 6, 3), cell(r["bleu"], 6), cell(r["argmax"]["bleu"] if nar else None, 7),
                cell(r["rescored"]["bleu"] if nar else None, 6),
                cell(r["valid_rate"], 7, 1) if toy else cell(r["detok_bleu"], 6), cell(r["repeats"], 5, 1),
@@ -424,33 +525,109 @@ def format_table(results, toy):
     return "\n".join(lines)
 
 
+def format_modes_table(results):
+    """Embedded task: what each stage's training targets are, and what the E-step's Q held."""
+    header = (f"{'stage':<8} {'mode shares % (6 valid translations)':<38} {'H(mode)':>7} {'invalid%':>8} "
+              f"{'|Q|':>5} {'Q valid%':>8} {'srcs w/ valid%':>14}")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        shares = " ".join(f"{p:5.1f}" for p in r["mode_shares"])
+        lines.append(f"{r['stage']:<8} {shares:<38} {r['mode_entropy']:>7.3f} {r['invalid']:>8.1f} "
+                     f"{cell(r.get('q_size'), 5, 1)} {cell(r.get('q_valid'), 8, 1)} "
+                     f"{cell(r.get('q_sources_with_valid'), 14, 1)}")
+    return "\n".join(lines)
+
+
 TABLE_NOTES = """columns: H(y|x) = lexical multi-modality of the stage's training targets (IBM-1 alignment entropy,
-bits); NLL = the NAR model's -log p(y|x) per token of its own training targets (the EM objective); BLEU = AR beam search / NAR ODD decoding on the {split} split{bleu_kind}; argmax = NAR plain argmax;
-+resc = NAR ODD over a length beam rescored by the AR model (NPD);{valid} rep% = repeated adjacent tokens
-(AR beam / NAR argmax outputs); speed-up = NAR ODD vs AR beam search, batch size 1, timed side by side."""
+bits); NLL = the NAR model's -log p(y|x) per token of its own training targets (the EM objective);
+BLEU = AR beam search / NAR ODD decoding on the {split} split{bleu_kind}; argmax = NAR plain argmax;
++resc = NAR ODD over a length window rescored by the AR model (NPD);{valid} rep% = repeated adjacent
+tokens (AR beam / NAR argmax outputs); speed-up = NAR ODD vs AR beam search, batch size 1, timed side by side."""
+
+MODES_NOTES = """mode shares = which of the six valid translations the training targets are (formal/casual x
+none/opening/closing framing); H(mode) = their entropy in bits (2.58 = uniform, 0 = one mode);
+invalid% = targets that are no valid translation; |Q| = mean candidates per source in the E-step's
+set Q; Q valid% = valid translations among them; srcs w/ valid% = sources whose Q holds one."""
 
 
-def main(args):
-    try:
-        run = Run(args)
-        print(f"em-nat: {run.corpus.name}, {len(run.train_ids)} training pairs, vocabulary {len(run.corpus.vocab)}, "
-              f"preset {run.preset}, device {run.device}, run directory {run.dir}")
-        results = run_pipeline(run)
-    except (DataError, CheckpointError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def print_results(run, results):
     toy = run.corpus.toy is not None
     table = format_table(results, toy)
     print(f"\nevaluated on the {run.eval_split} split ({len(run.eval_sources)} sentences)\n" + table)
     print(TABLE_NOTES.format(
+        split=run.eval_split,
         bleu_kind=" (multi-reference: all 6 valid translations)" if toy else " (tokenised, BPE removed)",
         valid=" valid% = exact valid translations;" if toy else
         " detok = sacreBLEU on em-nat's detokenised output against the detokenised references (not raw\n"
-        "references: comparable within this table, not with published sacreBLEU scores);",
-        split=run.eval_split))
-    if not toy:
+        "references: comparable within this table, not with published sacreBLEU scores);"))
+    if toy:
+        modes = format_modes_table(results)
+        print("\n" + modes + "\n" + MODES_NOTES)
+        table += "\n\n" + modes
+    else:
         print(f"detok signature: {results[0]['signature']}")
     write_text_atomic(os.path.join(run.dir, "results.json"), json.dumps(results, indent=2))
     write_text_atomic(os.path.join(run.dir, "results.txt"), table + "\n")
     print(f"saved {os.path.join(run.dir, 'results.json')}")
-    return 0
+
+
+def main(cfg: RunConfig):
+    """Run (or resume) the whole pipeline of one configuration and print its tables. Raises
+    DataError / CheckpointError / TrainingError with a one-line message; train.py reports them."""
+    run = Run(cfg)
+    print(f"em-nat: {run.corpus.name}, {len(run.train_ids)} training pairs, vocabulary {len(run.corpus.vocab)}, "
+          f"preset {cfg.preset}, device {run.device}, run directory {run.dir}")
+    results = em_loop(run)
+    print_results(run, results)
+    return results
+
+
+def copy_shared_stages(source_dir, target_dir, stages=("ar", "nar-raw", "nar-kd")):
+    """A control run differs from the paper's run only in its EM stages: start it with copies of the
+    finished stages before them."""
+    for name in stages:
+        src, dst = os.path.join(source_dir, name), os.path.join(target_dir, name)
+        if os.path.isfile(os.path.join(src, "result.json")) and not os.path.exists(dst):
+            shutil.copytree(src, dst)
+
+
+def main_seeds(cfg: RunConfig, seeds, selections):
+    """The pipeline once per seed (and per E-step selection: the paper's and the controls), each in
+    <out>/seed<N>[-<selection>]; then one table of every stage's mean, min and max over the seeds."""
+    by_stage = {}
+    for seed in seeds:
+        base = os.path.join(cfg.out, f"seed{seed}")
+        for selection in selections:
+            out = base if selection == "nar" else f"{base}-{selection}"
+            os.makedirs(out, exist_ok=True)
+            copy_shared_stages(base, out)
+            run_cfg = replace(cfg, out=out, seed=seed, train=replace(cfg.train, seed=seed),
+                              em=replace(cfg.em, selection=selection))
+            for result in main(run_cfg):
+                by_stage.setdefault((selection, result["stage"]), []).append(result)
+    summary = format_seed_summary(by_stage, toy=cfg.data.data_dir is None, seeds=seeds)
+    print("\n" + summary)
+    write_text_atomic(os.path.join(cfg.out, "seeds.txt"), summary + "\n")
+    write_text_atomic(os.path.join(cfg.out, "seeds.json"), json.dumps(
+        {f"{sel}/{stage}": results for (sel, stage), results in by_stage.items()}, indent=2))
+    print(f"saved {os.path.join(cfg.out, 'seeds.txt')}")
+    return by_stage
+
+
+def spread(values):
+    """'mean [min, max]' of a list of numbers."""
+    return f"{sum(values) / len(values):6.2f} [{min(values):6.2f}, {max(values):6.2f}]"
+
+
+def format_seed_summary(by_stage, toy, seeds):
+    """Mean [min, max] over the seeds of each stage's headline figures, stages in run order."""
+    columns = ([("BLEU", lambda r: r["bleu"]), ("valid%", lambda r: r["valid_rate"]),
+                ("H(mode)", lambda r: r["mode_entropy"]), ("invalid%", lambda r: r["invalid"])] if toy else
+               [("BLEU", lambda r: r["bleu"]), ("+resc", lambda r: r["rescored"]["bleu"] if r["kind"] == "nar"
+                                                else r["bleu"]), ("NLL", lambda r: r["targets_nll"] or 0.0)])
+    header = f"{'selection':<9} {'stage':<8} " + " ".join(f"{name:>24}" for name, _ in columns)
+    lines = [f"over seeds {', '.join(map(str, seeds))}: mean [min, max] (test split)", header, "-" * len(header)]
+    for (selection, stage), results in by_stage.items():
+        lines.append(f"{selection:<9} {stage:<8} " + " ".join(f"{spread([get(r) for r in results]):>24}"
+                                                              for _, get in columns))
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""model.py: the two models that the EM loop alternates between (PAPER.md Sec. 1 and 4).
+"""model.py: the two models that the EM loop alternates between (README "Method").
 
 One compact encoder-decoder Transformer with two kinds of decoder:
 
@@ -50,7 +50,7 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int = 1024
     enc_layers: int = 5
-    dec_layers: int = 5           # the NAR decoder gets one more (PAPER.md Sec. 4)
+    dec_layers: int = 5           # the NAR decoder gets one more (official nat_modeling.py)
     dropout: float = 0.1
     max_len: int = 256            # longest source or target in tokens: positions and length classes
     label_smoothing: float = 0.1
@@ -194,7 +194,7 @@ class Transformer(nn.Module):
         banned[[i for i in NEVER_EMITTED[cfg.kind] if i < cfg.vocab_size]] = float("-inf")
         self.register_buffer("banned", banned, persistent=False)
         if cfg.kind == "nar":
-            # Length classes 0..max_len; logits = W h_0 from the summary slot (PAPER.md Sec. 4).
+            # Length classes 0..max_len; logits = W h_0 from the summary slot (official nat_modeling.py).
             self.length_head = nn.Linear(d, cfg.max_len + 1, bias=False)
         for emb in (self.embed, self.src_pos, self.tgt_pos):
             nn.init.normal_(emb.weight, std=d ** -0.5)               # x sqrt(d) below: unit scale

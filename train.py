@@ -4,7 +4,7 @@
     python train.py --data-dir DIR --preset iwslt     # the same on IWSLT14 De-En (fairseq layout)
     python train.py --benchmark                       # training and N-best throughput on real data
 
-The loop (PAPER.md Sec. 4, "Training"): AdamW (weight decay not on layer norms and biases), the
+The loop: AdamW (weight decay not on layer norms and biases), the
 inverse-square-root warm-up schedule, gradient clipping, token-budget batches, periodic validation,
 the best checkpoint kept as a plain state dict plus config JSON. A stage's loop can be stopped at
 any time (Ctrl-C) and resumes where it stopped with the same result; em_nat.py runs the stages.
@@ -59,8 +59,13 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change."""
 
 
+class Stopped(Exception):
+    """The user stopped training (Ctrl-C); its state is saved and the same command resumes it."""
+
+
 def make_optimizer(model, cfg):
-    """AdamW; no weight decay on biases and layer-norm weights (PAPER.md Sec. 4)."""
+    """AdamW; no weight decay on biases and layer-norm weights (the official optimization.py also spares
+    them; it decays the embeddings too, as here)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -197,7 +202,7 @@ def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc
                     save_resume_state(resume_path, model, optimizer, scheduler, position)
                 if stop:
                     bar.close()
-                    sys.exit(f"stopped at step {position['step']} of {desc}; run the same command again to resume")
+                    raise Stopped(f"stopped at step {position['step']} of {desc}; run the same command again to resume")
                 if done:
                     break
             else:
@@ -250,12 +255,22 @@ def build_parser():
     e.add_argument("--alpha", type=float, help="length penalty exponent of AR beam search and rescoring "
                                                "(default: 1.4, the paper's IWSLT14 value, with the iwslt preset; else 1.0)")
     e.add_argument("--length-beam", type=int, default=5, help="NAR length candidates with AR rescoring")
+    e.add_argument("--quality-margin", type=float,
+                   help="the E-step's set Q keeps the N-best candidates within this many nats (length-normalised "
+                        "AR score) of the AR model's best (default: all N, as the official code)")
+    e.add_argument("--selection", choices=["nar", "random", "ar-top1"], default="nar",
+                   help="E-step choice within Q: the NAR model's favourite (the paper), or a control: a random "
+                        "candidate, or the AR model's own top-1")
     e.add_argument("--speed-sentences", type=int, default=50,
                    help="validation sentences timed at batch size 1 for the speed-up column")
     r = p.add_argument_group("run")
     r.add_argument("--out", help="run directory (default: runs/<data>-<preset>); re-running resumes it")
     r.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
     r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="run the pipeline once per seed (in OUT/seed<N>) and print each stage's mean, min and max")
+    r.add_argument("--controls", action="store_true",
+                   help="with --seeds: also run the E-step controls (random and AR top-1 selection) on every seed")
     r.add_argument("--benchmark", action="store_true",
                    help="measure AR/NAR training throughput and N-best beam search speed on a real corpus "
                         "(--data-dir, default ../shared/data/iwslt14.de-en), then exit")
@@ -340,13 +355,42 @@ def benchmark(args):
     return 0
 
 
+def run_config(args):
+    """The command line as em_nat's RunConfig: the only place that reads the argparse namespace."""
+    from em_nat import DataConfig, EMConfig, RunConfig
+    preset = args.preset or ("toy" if args.data_dir is None else "iwslt")
+    default_name = "toy" if args.data_dir is None else os.path.basename(os.path.normpath(args.data_dir))
+    alpha = args.alpha if args.alpha is not None else (1.4 if preset == "iwslt" else 1.0)   # the paper: 1.4 on IWSLT14
+    return RunConfig(
+        out=args.out or os.path.join("runs", f"{default_name}-{preset}"), preset=preset, seed=args.seed,
+        data=DataConfig(data_dir=args.data_dir, src=args.src, tgt=args.tgt, bpe_merges=args.bpe_merges,
+                        max_len=args.max_len, max_train_pairs=args.max_train_pairs,
+                        toy_train_size=args.toy_train_size),
+        train=train_config(args, preset),
+        em=EMConfig(iterations=args.em_iterations, candidates=args.candidates, quality_margin=args.quality_margin,
+                    selection=args.selection, kd_beam=args.kd_beam, beam=args.beam, alpha=alpha,
+                    length_beam=args.length_beam, init=args.em_init, speed_sentences=args.speed_sentences))
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     keep_freed_memory_on_cpu()
     if args.benchmark:
         sys.exit(benchmark(args))
-    import em_nat  # the EM pipeline, built on the loop above
-    sys.exit(em_nat.main(args))
+    import em_nat  # the EM pipeline, built on the training loop above
+    from data import DataError
+    from model import CheckpointError
+    cfg = run_config(args)
+    try:
+        if args.seeds:
+            selections = ["nar", "random", "ar-top1"] if args.controls else [cfg.em.selection]
+            em_nat.main_seeds(cfg, args.seeds, selections)
+        else:
+            em_nat.main(cfg)
+    except (DataError, CheckpointError, TrainingError) as err:
+        sys.exit(f"error: {err}")
+    except Stopped as stop:
+        sys.exit(str(stop))
 
 
 if __name__ == "__main__":

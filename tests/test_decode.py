@@ -292,5 +292,7 @@ def test_one_candidate_is_a_list_of_one():
     # --candidates 1: the N-best of beam 1 is the beam-1 translation, in the same list-of-lists shape.
     model = tiny("ar", seed=5)
     sources = [[4, 5, 6], [7, 8], [9, 10, 11, 12]]
-    assert nbest_ids(model, sources, 1) == [[t] for t in translate_ids(model, sources, method="beam", beam=1)]
-    assert [len(c) for c in nbest_ids(model, sources, 3)] == [3, 3, 3]
+    assert nbest_ids(model, sources, 1)[0] == [[t] for t in translate_ids(model, sources, method="beam", beam=1)]
+    candidates, scores = nbest_ids(model, sources, 3)
+    assert [len(c) for c in candidates] == [len(s) for s in scores] == [3, 3, 3]
+    assert all(s == sorted(s, reverse=True) for s in scores)

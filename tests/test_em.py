@@ -11,6 +11,7 @@ import torch
 
 import em_nat
 import train
+from decode import nbest_ids
 from model import ModelConfig, Transformer
 
 torch.set_num_threads(2)
@@ -24,8 +25,8 @@ def test_selection_keeps_the_candidate_with_the_highest_nar_score():
     sources = [[rng.randint(4, 11) for _ in range(rng.randint(2, 6))] for _ in range(7)]
     candidates = [[[rng.randint(4, 11) for _ in range(rng.randint(1, 7))] for _ in range(5)] for _ in sources]
     candidates[0][2] = []                                      # an empty AR output can never be chosen
-    run = types.SimpleNamespace(decode_tokens=64, device="cpu", autocast=False)
-    selected, scores = em_nat.select_by_nar_likelihood(nar, sources, candidates, run)
+    run = types.SimpleNamespace(decode_tokens=64, device="cpu")
+    selected, scores = em_nat.select_by_nar_likelihood(run, nar, sources, candidates)
     for src, cands, chosen, score in zip(sources, candidates, selected, scores):
         direct = [float(nar.score(torch.tensor([src]), torch.tensor([c]))) if c else float("-inf") for c in cands]
         assert chosen == cands[max(range(len(cands)), key=direct.__getitem__)]
@@ -49,7 +50,7 @@ def token_log_probs(nar, src, length):
 
 def select(nar, src, candidates):
     run = types.SimpleNamespace(decode_tokens=64, device="cpu")
-    return em_nat.select_by_nar_likelihood(nar, [src], [candidates], run)[0][0]
+    return em_nat.select_by_nar_likelihood(run, nar, [src], [candidates])[0][0]
 
 
 @torch.no_grad()
@@ -99,33 +100,35 @@ TINY = ["--toy-train-size", "300", "--ar-steps", "60", "--nar-steps", "40", "--v
         "--em-iterations", "2", "--candidates", "4", "--speed-sentences", "3", "--device", "cpu"]
 
 
+STAGES = ["ar", "nar-raw", "nar-kd", "em1-ar", "em1-nar", "em2-ar", "em2-nar"]
+
+
+def tiny_config(out, extra=()):
+    return train.run_config(train.build_parser().parse_args(TINY + ["--out", str(out), *extra]))
+
+
 def run_tiny(out, extra=()):
-    args = train.build_parser().parse_args(TINY + ["--out", str(out), *extra])
-    assert em_nat.main(args) == 0
+    em_nat.main(tiny_config(out, extra))
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
 
 
 def quality_columns(results):
-    keys = ("stage", "bleu", "valid_rate", "repeats", "targets_entropy")
+    keys = ("stage", "bleu", "valid_rate", "repeats", "targets_entropy", "mode_entropy", "invalid")
     return [{k: r[k] for k in keys} for r in results]
 
 
-def test_pipeline_artefacts_selection_and_resume(tmp_path, monkeypatch):
+def read_lines(path):
+    return path.read_text().split("\n")[:-1]
+
+
+def test_pipeline_artefacts_and_resume(tmp_path, monkeypatch):
     full = run_tiny(tmp_path / "full")
-    stages = em_nat.stage_list(2)
-    assert [r["stage"] for r in full] == stages
-    for stage in stages:
-        for name in ("model.pt", "config.json", "vocab.txt", "result.json"):
+    assert [r["stage"] for r in full] == STAGES
+    for stage in STAGES:
+        for name in ("model.pt", "config.json", "vocab.txt", "result.json", "train.tgt"):
             assert os.path.isfile(tmp_path / "full" / stage / name), (stage, name)
         assert not os.path.exists(tmp_path / "full" / stage / "resume.pt")
-    for i in (1, 2):
-        stage = tmp_path / "full" / f"em{i}-ar"
-        candidates = (stage / "candidates.tgt").read_text().split("\n")[:-1]
-        selected = (stage / "train.tgt").read_text().split("\n")[:-1]
-        assert len(candidates) == 4 * len(selected) == 4 * 300
-        for j, sentence in enumerate(selected):
-            assert sentence in candidates[4 * j:4 * j + 4]
 
     # Kill the run inside the em1-nar stage's training loop, then run the same command again.
     real_train_model = train.train_model
@@ -145,8 +148,66 @@ def test_pipeline_artefacts_selection_and_resume(tmp_path, monkeypatch):
     assert quality_columns(resumed) == quality_columns(full)
 
 
+def test_the_loop_runs_in_the_papers_order(tmp_path):
+    # Which model proposes Q, which selects within it, which model's outputs each NAR model learns:
+    # recomputed from the saved models and compared with the saved targets.
+    out = tmp_path / "run"
+    run_tiny(out)
+    run = em_nat.Run(tiny_config(out))
+    load = lambda name: em_nat.Stage(run, name).model()
+    assert run.read_ids(str(out / "nar-raw" / "train.tgt")) == [t for _, t in run.train_ids]
+    assert run.read_ids(str(out / "nar-kd" / "train.tgt")) == em_nat.distil(run, load("ar"))
+    for i, (proposer, selector) in enumerate([("ar", "nar-kd"), ("em1-ar", "em1-nar")], start=1):
+        candidates, _ = nbest_ids(load(proposer), run.train_sources, 4, alpha=1.0, max_tokens=run.decode_tokens)
+        assert run.read_ids(str(out / f"em{i}-ar" / "candidates.tgt")) == [c for cs in candidates for c in cs]
+        chosen, _ = em_nat.select_by_nar_likelihood(run, load(selector), run.train_sources, candidates)
+        assert run.read_ids(str(out / f"em{i}-ar" / "train.tgt")) == chosen
+        assert run.read_ids(str(out / f"em{i}-nar" / "train.tgt")) == em_nat.distil(run, load(f"em{i}-ar"))
+
+
+def test_controls_share_the_first_stages_and_select_as_they_say(tmp_path):
+    cfg = tiny_config(tmp_path, ["--em-iterations", "1"])
+    by_stage = em_nat.main_seeds(cfg, [3], ["nar", "random", "ar-top1"])
+    assert sorted(by_stage) == sorted((sel, st) for sel in ("nar", "random", "ar-top1") for st in STAGES[:5])
+    for stage in ("ar", "nar-raw", "nar-kd"):                          # copied, not retrained
+        assert {by_stage[(sel, stage)][0]["bleu"] for sel in ("nar", "random", "ar-top1")} == {
+            by_stage[("nar", stage)][0]["bleu"]}
+    chosen = {}
+    for sel, directory in (("nar", "seed3"), ("random", "seed3-random"), ("ar-top1", "seed3-ar-top1")):
+        candidates = read_lines(tmp_path / directory / "em1-ar" / "candidates.tgt")
+        assert candidates == read_lines(tmp_path / "seed3" / "em1-ar" / "candidates.tgt")
+        groups = [candidates[4 * j:4 * j + 4] for j in range(300)]
+        chosen[sel] = read_lines(tmp_path / directory / "em1-ar" / "train.tgt")
+        assert all(c in g for c, g in zip(chosen[sel], groups))
+    assert chosen["ar-top1"] == [g[0] for g in groups]
+    rng = random.Random(3 * 7919 + 1)
+    assert chosen["random"] == [rng.choice(g) for g in groups]
+    assert chosen["nar"] != chosen["ar-top1"] and chosen["nar"] != chosen["random"]
+    assert (tmp_path / "seeds.txt").read_text().count("\n") == 2 + 1 + 3 * 5
+
+
+def test_quality_margin_keeps_the_candidates_near_the_ar_best():
+    cands = [[4], [5], [6], [7]]
+    assert em_nat.quality_constrained_set(cands, [-1.0, -1.5, -2.2, -9.0], None) == cands
+    assert em_nat.quality_constrained_set(cands, [-1.0, -1.5, -2.2, -9.0], 1.1) == [[4], [5]]
+    assert em_nat.quality_constrained_set(cands, [-1.0, -1.5, -2.2, -9.0], 0.0) == [[4]]
+
+
+def test_target_modes_known_answers():
+    run = types.SimpleNamespace(corpus=em_nat.make_toy_corpus(seed=1, train_size=60))
+    toy, vocab = run.corpus.toy, run.corpus.vocab
+    first_mode = [vocab.encode(toy.valid_translations(s)[0].split()) for s, _ in run.corpus.train]
+    modes = em_nat.target_modes(run, first_mode)
+    assert modes["mode_entropy"] == 0.0 and modes["invalid"] == 0.0 and modes["mode_shares"][0] == 100.0
+    mixed = [vocab.encode(toy.valid_translations(s)[i % 2].split()) if i < 40 else [4]
+             for i, (s, _) in enumerate(run.corpus.train)]
+    modes = em_nat.target_modes(run, mixed)
+    assert abs(modes["mode_entropy"] - 1.0) < 1e-9 and abs(modes["invalid"] - 100 / 3) < 1e-9
+
+
 def test_a_run_directory_refuses_other_settings(tmp_path):
     run_tiny(tmp_path / "r", extra=["--em-iterations", "0"])
-    for changed in (["--seed", "2"], ["--alpha", "1.4"], ["--kd-beam", "3"], ["--length-beam", "3"]):
-        args = train.build_parser().parse_args(TINY + ["--out", str(tmp_path / "r"), "--em-iterations", "0", *changed])
-        assert em_nat.main(args) == 1                          # a clear error, not a mixed run
+    for changed in (["--seed", "2"], ["--alpha", "1.4"], ["--kd-beam", "3"], ["--length-beam", "3"],
+                    ["--quality-margin", "1"], ["--selection", "random"]):
+        with pytest.raises(em_nat.CheckpointError, match="other settings"):  # a clear error, not a mixed run
+            em_nat.main(tiny_config(tmp_path / "r", ["--em-iterations", "0", *changed]))

@@ -53,7 +53,7 @@ def test_ctrl_c_then_resume_gives_the_same_weights(tmp_path, monkeypatch):
             return False
 
     monkeypatch.setattr(train, "graceful_interrupt", FakeInterrupt)
-    with pytest.raises(SystemExit, match="stopped at step 27"):
+    with pytest.raises(train.Stopped, match="stopped at step 27"):
         train_model(tiny_model(), pairs, valid, cfg, str(tmp_path / "resumed"))
     monkeypatch.undo()
     resumed, _ = train_model(tiny_model(seed=99), pairs, valid, cfg, str(tmp_path / "resumed"))
@@ -161,7 +161,7 @@ def test_an_empty_validation_set_is_an_error(tmp_path):
     (tmp_path / "train.en").write_text("x y\n" * 5)
     import em_nat
     with pytest.raises(DataError, match="none of the 5 validation pairs is within --max-len 5"):
-        em_nat.Run(args)
+        em_nat.Run(train.run_config(args))
 
 
 def test_a_rescorer_from_another_run_is_refused(tmp_path):
