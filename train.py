@@ -2,6 +2,7 @@
 
     python train.py                                   # the whole EM pipeline on the embedded toy task
     python train.py --data-dir DIR --preset iwslt     # the same on IWSLT14 De-En (fairseq layout)
+    python train.py --seeds 1 2 3 --controls          # over seeds, with the E-step's controls
     python train.py --benchmark                       # training and N-best throughput on real data
 
 The loop: AdamW (weight decay not on layer norms and biases), the
@@ -262,11 +263,11 @@ def build_parser():
                    help="E-step choice within Q: the NAR model's favourite (the paper), or a control: a random "
                         "candidate, or the AR model's own top-1")
     e.add_argument("--speed-sentences", type=int, default=50,
-                   help="validation sentences timed at batch size 1 for the speed-up column")
+                   help="test sentences timed at batch size 1 for the speed-up column")
     r = p.add_argument_group("run")
     r.add_argument("--out", help="run directory (default: runs/<data>-<preset>); re-running resumes it")
     r.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
-    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--seed", type=int, default=1, help="seed of the toy data, the weights and the batches")
     r.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="run the pipeline once per seed (in OUT/seed<N>) and print each stage's mean, min and max")
     r.add_argument("--controls", action="store_true",
