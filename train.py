@@ -140,78 +140,99 @@ def optimizer_step(model, optimizer, cfg):
     optimizer.zero_grad(set_to_none=True)
 
 
-def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc="train", meta=None):
-    """Train `model` on id pairs; keep the best model (lowest validation loss) in out_dir as
-    model.pt + config.json and return the model with those weights and a summary dict.
-    out_dir/resume.pt holds the loop's state at every validation and at Ctrl-C: a later call with the
-    same out_dir continues from it and reaches the same weights as an uninterrupted run."""
+def check_pairs(train_pairs, valid_pairs, desc):
+    """Refuse to start a loop that could not train, or could never choose a checkpoint."""
     if not train_pairs:
         raise TrainingError(f"{desc}: no training pairs left (every target empty or over the length limit); "
                             f"if they come from an AR model, train that model longer (--ar-steps)")
     if not valid_pairs:
         raise TrainingError(f"{desc}: no validation pairs to choose the checkpoint with (every validation pair is "
                             f"empty or longer than the length limit?); the saved model would never change")
+
+
+def restore_resume_state(path, model, optimizer, scheduler):
+    """The loop's position saved by save_resume_state, with the weights, optimizer, schedule and RNG
+    put back; or a fresh position when there is no resume file."""
+    if not os.path.isfile(path):
+        return {"step": 0, "epoch": 0, "batch": 0, "best": float("inf"), "tokens": 0, "seconds": 0.0}
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["position"]
+
+
+def remaining_batches(lengths, cfg, position):
+    """Token-budget batches from the loop's position on, epoch after epoch (each epoch its own shuffle,
+    so a resumed loop sees the same batches as an uninterrupted one). Updates position's epoch/batch."""
+    while True:
+        batches = make_batches(lengths, cfg.max_tokens, random.Random(cfg.seed * 100003 + position["epoch"]))
+        for batch in batches[position["batch"]:]:
+            position["batch"] += 1
+            yield batch
+        position["epoch"] += 1
+        position["batch"] = 0
+
+
+def train_step(model, optimizer, scheduler, src, tgt, cfg, desc, out_dir, step):
+    """One update on one batch; returns (loss, target tokens). A non-finite loss stops the loop."""
+    loss, n_tokens = forward_backward(model, src, tgt, cfg, desc)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise TrainingError(f"{desc}: the loss became {loss_value} at step {step}; the last good weights are in "
+                            f"{out_dir}; lower --lr (now {cfg.lr}) and run again")
+    optimizer_step(model, optimizer, cfg)
+    scheduler.step()
+    return loss_value, int(n_tokens)
+
+
+def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc="train", meta=None):
+    """Train `model` on id pairs; keep the best model (lowest validation loss) in out_dir as
+    model.pt + config.json and return the model with those weights and a summary dict.
+    out_dir/resume.pt holds the loop's state at every validation and at Ctrl-C: a later call with the
+    same out_dir continues from it and reaches the same weights as an uninterrupted run."""
+    check_pairs(train_pairs, valid_pairs, desc)
     os.makedirs(out_dir, exist_ok=True)
-    steps = cfg.steps_for(model.cfg.kind)
-    resume_path = os.path.join(out_dir, "resume.pt")
+    steps, resume_path = cfg.steps_for(model.cfg.kind), os.path.join(out_dir, "resume.pt")
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt(cfg.warmup))
-    position = {"step": 0, "epoch": 0, "batch": 0, "best": float("inf"), "tokens": 0, "seconds": 0.0}
-    if os.path.isfile(resume_path):
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        position = state["position"]
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    position = restore_resume_state(resume_path, model, optimizer, scheduler)
+    if position["step"]:
         print(f"{desc}: resuming at step {position['step']} of {steps}")
     lengths = [max(len(s), len(t)) + 1 for s, t in train_pairs]    # +1: <bos>/<eos> or the summary slot
     meta = dict(meta or {}, train=asdict(cfg))
     model.train()
     bar = tqdm(total=steps, initial=position["step"], desc=desc, leave=False, dynamic_ncols=True)
     with graceful_interrupt() as interrupt:
+        batches = remaining_batches(lengths, cfg, position)
         while position["step"] < steps:
-            batches = make_batches(lengths, cfg.max_tokens, random.Random(cfg.seed * 100003 + position["epoch"]))
-            for batch in batches[position["batch"]:]:
-                start = time.perf_counter()
-                src, tgt = collate([train_pairs[i] for i in batch], cfg.device)
-                loss, n_tokens = forward_backward(model, src, tgt, cfg, desc)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise TrainingError(f"{desc}: the loss became {loss_value} at step {position['step'] + 1}; "
-                                        f"the last good weights are in {out_dir}; lower --lr (now {cfg.lr}) "
-                                        f"and run again")
-                optimizer_step(model, optimizer, cfg)
-                scheduler.step()
-                position["step"] += 1
-                position["batch"] += 1
-                position["tokens"] += int(n_tokens)
-                position["seconds"] += time.perf_counter() - start
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{position['tokens'] / position['seconds']:.0f}")
-                done, stop = position["step"] >= steps, interrupt["stop"]
-                if done or position["step"] % cfg.valid_every == 0:
-                    valid = validation_loss(model, valid_pairs, cfg)
-                    if valid < position["best"]:
-                        position["best"] = valid
-                        save_checkpoint(model, out_dir, **meta)
-                    bar.write(f"{desc}: step {position['step']}  train loss {loss_value:.3f}  "
-                              f"valid loss {valid:.3f}  best {position['best']:.3f}")
-                if done or stop or position["step"] % cfg.valid_every == 0:
-                    save_resume_state(resume_path, model, optimizer, scheduler, position)
-                if stop:
-                    bar.close()
-                    raise Stopped(f"stopped at step {position['step']} of {desc}; run the same command again to resume")
-                if done:
-                    break
-            else:
-                position["epoch"] += 1
-                position["batch"] = 0
+            start = time.perf_counter()
+            src, tgt = collate([train_pairs[i] for i in next(batches)], cfg.device)
+            loss, n_tokens = train_step(model, optimizer, scheduler, src, tgt, cfg, desc, out_dir,
+                                        position["step"] + 1)
+            position["step"] += 1
+            position["tokens"] += n_tokens
+            position["seconds"] += time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{position['tokens'] / position['seconds']:.0f}")
+            done, stop = position["step"] >= steps, interrupt["stop"]
+            if done or position["step"] % cfg.valid_every == 0:
+                valid = validation_loss(model, valid_pairs, cfg)
+                if valid < position["best"]:
+                    position["best"] = valid
+                    save_checkpoint(model, out_dir, **meta)
+                bar.write(f"{desc}: step {position['step']}  train loss {loss:.3f}  valid loss {valid:.3f}  "
+                          f"best {position['best']:.3f}")
+            if done or stop or position["step"] % cfg.valid_every == 0:
+                save_resume_state(resume_path, model, optimizer, scheduler, position)
+            if stop:
+                bar.close()
+                raise Stopped(f"stopped at step {position['step']} of {desc}; run the same command again to resume")
     bar.close()
-    best_state = torch.load(os.path.join(out_dir, "model.pt"), map_location=cfg.device, weights_only=True)
-    model.load_state_dict(best_state)
+    model.load_state_dict(torch.load(os.path.join(out_dir, "model.pt"), map_location=cfg.device, weights_only=True))
     model.eval()
     return model, {"steps": position["step"], "valid_loss": position["best"],
                    "tokens_per_s": position["tokens"] / max(position["seconds"], 1e-9),
