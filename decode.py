@@ -46,8 +46,9 @@ NEG_INF = float("-inf")
 # ------------------------------------------------------------------------------------------------
 def length_penalty(lengths, alpha):
     """GNMT length penalty ((5 + len) / 6)^alpha, len counting the final <eos>; a hypothesis is ranked
-    by its log-probability divided by it. alpha = 0 ranks by raw log-probability."""
-    return ((5.0 + lengths.float()) / 6.0) ** alpha
+    by its log-probability divided by it. alpha = 0 ranks by raw log-probability. lengths: a tensor
+    or an int."""
+    return ((5.0 + lengths) / 6.0) ** alpha
 
 
 def max_output_len(src, model, a=1.2, b=10):
@@ -140,7 +141,7 @@ def beam_step(state, logits, step, beam, alpha):
     # Ended extensions: their prefix (without <bos>) and normalised score, merged into the finished set.
     prefix = state.tokens.view(n, k, -1)[:, :, 1:].gather(1, origin[..., None].expand(-1, -1, step))
     ended = F.pad(prefix, (0, steps - step), value=PAD)                    # (n, 2k, steps)
-    ended_scores = (cand / ((5.0 + step + 1) / 6.0) ** alpha).masked_fill(~ends, NEG_INF)   # length_penalty
+    ended_scores = (cand / length_penalty(step + 1, alpha)).masked_fill(~ends, NEG_INF)
     fin_scores, pick = torch.cat([state.fin_scores, ended_scores], 1).topk(k, dim=1)   # (n, k)
     fin_tokens = torch.cat([state.fin_tokens, ended], 1).gather(1, pick[..., None].expand(-1, -1, steps))
     # Live: the k best extensions that do not end.
@@ -163,7 +164,8 @@ def ar_beam_search(model, src, beam=5, alpha=1.0, nbest=1, max_len=None):
     max_len tokens (default max_output_len); a hypothesis that reaches it is forced to end, so every
     sentence gets `beam` finished hypotheses (when its output space holds that many).
     The beams of a sentence share one copy of its encoder states. Every EARLY_STOP_EVERY steps, one
-    host sync asks which sentences are done; those leave the batch, so the work shrinks as they end."""
+    host sync asks which sentences are done; those leave the batch, so the work shrinks as they end.
+    The last step allows only <eos>, so every search is done by then and has left the batch."""
     if not 1 <= nbest <= beam:
         raise ValueError(f"nbest must be between 1 and the beam size {beam}, not {nbest}")
     b, k, device = src.size(0), beam, src.device
@@ -192,7 +194,6 @@ def ar_beam_search(model, src, beam=5, alpha=1.0, nbest=1, max_len=None):
             state, hyp_rows = state.keep(searching, k)
             enc, keep = enc.index_select(0, searching), keep.index_select(0, searching)
             model.shrink_cache(cache, hyp_rows, searching)
-    out_tokens[state.index], out_scores[state.index] = state.fin_tokens, state.fin_scores
     return out_tokens[:, :nbest], out_scores[:, :nbest]
 
 

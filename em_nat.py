@@ -421,7 +421,7 @@ class Run:
             return Stage(self, name)
         print(f"[{name}] training {'an AR' if kind == 'ar' else 'a NAR'} model on {trained_on} ...")
         targets, notes = self.targets(name, make_targets)
-        model, summary = self.train(name, self.new_model(name, kind, init_from), targets)
+        model, summary = self.train(name, self.new_model(kind, init_from), targets)
         result = evaluate_ar(self, model) if kind == "ar" else evaluate_nar(self, model, rescorer.model())
         result.update(stage=name, kind=kind, trained_on=trained_on, training=summary, split=self.eval_split,
                       targets_entropy=alignment_entropy(list(zip(self.train_sources, targets))),
@@ -436,7 +436,7 @@ class Run:
         print(format_table([result], self.corpus.toy is not None))
         return Stage(self, name, model)
 
-    def new_model(self, name, kind, init_from=None):
+    def new_model(self, kind, init_from=None):
         """A fresh model. The seed is set right here, from the stage's place in the loop, because
         building a model draws from the RNG: a resumed stage must start from the same weights and
         dropout stream as an uninterrupted one."""

@@ -264,7 +264,7 @@ class Transformer(nn.Module):
         """Per-layer key/value cache for step-by-step AR decoding."""
         return [{"self": {}, "cross": {}} for _ in self.decoder]
 
-    def ar_step(self, token, step, enc, enc_keep, cache, banned=True):
+    def ar_step(self, token, step, enc, enc_keep, cache):
         """One decoding step. token: (rows,) last output; step: its position (int). enc, enc_keep may hold
         one row per sentence for several consecutive hypothesis rows each (beam search).
         Returns logits (rows, vocab) for the next token, never-emitted tokens at -inf; `cache` grows by
@@ -274,7 +274,7 @@ class Transformer(nn.Module):
         enc_mask = attention_mask(enc_keep)
         for layer, layer_cache in zip(self.decoder, cache):
             x = layer(x, enc, enc_mask, cache=layer_cache)
-        return self.output_logits(x, banned)[:, 0]
+        return self.output_logits(x, banned=True)[:, 0]
 
     @staticmethod
     def reorder_cache(cache, index):
