@@ -53,8 +53,9 @@ class DataConfig:
 class EMConfig:
     iterations: int = 2           # EM iterations after distillation
     candidates: int = 20          # N of the AR N-best that Q is drawn from (the official code: 20)
-    quality_margin: float = None  # Q: candidates within this many nats (length-normalised AR score) of the
-                                  # AR model's best; None: all N (the official code)
+    quality_margin: float = 1.0   # Q: candidates within this many nats (length-normalised AR score) of the
+                                  # AR model's best; None: all N (the official code). README "The E-step,
+                                  # measured" says why 1.0
     selection: str = "nar"        # E-step: "nar" (the paper), or the controls "random" and "ar-top1"
     kd_beam: int = 5              # beam of the AR outputs that train NAR models (M-step, KD)
     beam: int = 5                 # AR beam when evaluating
@@ -146,7 +147,7 @@ def e_step(run, stage, ar_model, nar_model, iteration):
         device=run.device, progress=True))
     sets = [quality_constrained_set(c, s, run.em.quality_margin) for c, s in zip(candidates, ar_scores)]
     targets = select(run, nar_model, sets, iteration)
-    return targets, candidate_set_notes(run, sets)
+    return targets, candidate_set_notes(run, sets, targets)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,10 +167,12 @@ def target_modes(run, targets):
             "invalid": 100.0 * (len(modes) - valid) / max(len(modes), 1)}
 
 
-def candidate_set_notes(run, sets):
-    """What Q holds: its mean size and, on the embedded task, the share of valid translations among its
-    candidates and the share of sources with at least one valid candidate."""
-    notes = {"q_size": sum(map(len, sets)) / max(len(sets), 1)}
+def candidate_set_notes(run, sets, targets):
+    """What Q holds and what the E-step took from it: Q's mean size, the share of selections that are the
+    AR model's own top-1 (the E-step moved nothing there) and, on the embedded task, the share of valid
+    translations among Q's candidates and of sources with at least one valid candidate."""
+    notes = {"q_size": sum(map(len, sets)) / max(len(sets), 1),
+             "q_top1": 100.0 * sum(t == cands[0] for t, cands in zip(targets, sets)) / max(len(sets), 1)}
     if run.corpus.toy is not None:
         toy, words = run.corpus.toy, run.corpus.vocab.decode
         valid = [[toy.mode(src, words(c)) is not None for c in cands] for (src, _), cands in zip(run.corpus.train, sets)]
@@ -528,13 +531,13 @@ def format_table(results, toy):
 def format_modes_table(results):
     """Embedded task: what each stage's training targets are, and what the E-step's Q held."""
     header = (f"{'stage':<8} {'mode shares % (6 valid translations)':<38} {'H(mode)':>7} {'invalid%':>8} "
-              f"{'|Q|':>5} {'Q valid%':>8} {'srcs w/ valid%':>14}")
+              f"{'|Q|':>5} {'Q valid%':>8} {'srcs w/ valid%':>14} {'=top1%':>6}")
     lines = [header, "-" * len(header)]
     for r in results:
         shares = " ".join(f"{p:5.1f}" for p in r["mode_shares"])
         lines.append(f"{r['stage']:<8} {shares:<38} {r['mode_entropy']:>7.3f} {r['invalid']:>8.1f} "
                      f"{cell(r.get('q_size'), 5, 1)} {cell(r.get('q_valid'), 8, 1)} "
-                     f"{cell(r.get('q_sources_with_valid'), 14, 1)}")
+                     f"{cell(r.get('q_sources_with_valid'), 14, 1)} {cell(r.get('q_top1'), 6, 1)}")
     return "\n".join(lines)
 
 
@@ -547,7 +550,8 @@ tokens (AR beam / NAR argmax outputs); speed-up = NAR ODD vs AR beam search, bat
 MODES_NOTES = """mode shares = which of the six valid translations the training targets are (formal/casual x
 none/opening/closing framing); H(mode) = their entropy in bits (2.58 = uniform, 0 = one mode);
 invalid% = targets that are no valid translation; |Q| = mean candidates per source in the E-step's
-set Q; Q valid% = valid translations among them; srcs w/ valid% = sources whose Q holds one."""
+set Q; Q valid% = valid translations among them; srcs w/ valid% = sources whose Q holds one;
+=top1% = selected targets that are the AR model's own top-1 (where the E-step changed nothing)."""
 
 
 def print_results(run, results):
@@ -566,6 +570,10 @@ def print_results(run, results):
         table += "\n\n" + modes
     else:
         print(f"detok signature: {results[0]['signature']}")
+        for r in results:
+            if "q_size" in r:
+                print(f"{r['stage']}: E-step Q held {r['q_size']:.1f} candidates per source; "
+                      f"{r['q_top1']:.1f}% of the selections are the AR model's own top-1")
     write_text_atomic(os.path.join(run.dir, "results.json"), json.dumps(results, indent=2))
     write_text_atomic(os.path.join(run.dir, "results.txt"), table + "\n")
     print(f"saved {os.path.join(run.dir, 'results.json')}")

@@ -239,6 +239,16 @@ def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc
                    "parameters": count_parameters(model)}
 
 
+def margin_value(text):
+    """--quality-margin: a number of nats, or 'none' (no margin)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of nats or 'none', got {text!r}") from None
+
+
 def build_parser():
     from decode import HelpFormatter
     from model import PRESETS
@@ -277,9 +287,9 @@ def build_parser():
     e.add_argument("--alpha", type=float, help="length penalty exponent of AR beam search and rescoring "
                                                "(default: 1.4, the paper's IWSLT14 value, with the iwslt preset; else 1.0)")
     e.add_argument("--length-beam", type=int, default=5, help="NAR length candidates with AR rescoring")
-    e.add_argument("--quality-margin", type=float,
+    e.add_argument("--quality-margin", type=margin_value, default=1.0, metavar="NATS|none",
                    help="the E-step's set Q keeps the N-best candidates within this many nats (length-normalised "
-                        "AR score) of the AR model's best (default: all N, as the official code)")
+                        "AR score) of the AR model's best; 'none' keeps all N, as the official code")
     e.add_argument("--selection", choices=["nar", "random", "ar-top1"], default="nar",
                    help="E-step choice within Q: the NAR model's favourite (the paper), or a control: a random "
                         "candidate, or the AR model's own top-1")
