@@ -100,13 +100,19 @@ def read_parallel(src_path, tgt_path):
     """Aligned (source tokens, target tokens) pairs and the number of pairs dropped because a side is
     empty (counted, never silent). A line-count mismatch is an error, because it means every later
     pair would be misaligned."""
+    numbered, lines = read_numbered_parallel(src_path, tgt_path)
+    return [(s, t) for _, s, t in numbered], lines - len(numbered)
+
+
+def read_numbered_parallel(src_path, tgt_path):
+    """(line index, source tokens, target tokens) of the pairs with no empty side, and the number of
+    lines: a file aligned with train.SRC (precomputed targets) can then be matched to the pairs kept."""
     src_lines, tgt_lines = read_lines(src_path), read_lines(tgt_path)
     if len(src_lines) != len(tgt_lines):
         raise DataError(f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)}: "
                         f"source and target must be aligned line by line")
-    pairs = [(s.split(), t.split()) for s, t in zip(src_lines, tgt_lines)]
-    kept = [(s, t) for s, t in pairs if s and t]
-    return kept, len(pairs) - len(kept)
+    numbered = [(i, s.split(), t.split()) for i, (s, t) in enumerate(zip(src_lines, tgt_lines))]
+    return [(i, s, t) for i, s, t in numbered if s and t], len(src_lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,6 +345,8 @@ class Corpus:
     bpe: BPE = None
     toy: ToyTask = None
     is_bpe: bool = False           # targets hold "@@ " subwords, to be removed before BLEU
+    train_lines: list = None       # the line index in train.SRC of every training pair (corpus directories)
+    train_file_lines: int = None   # the number of lines of train.SRC
 
     def ids(self, split):
         """Pairs of a split as (source ids, target ids)."""
@@ -371,9 +379,10 @@ def load_corpus_dir(data_dir, src_lang, tgt_lang, bpe_merges, max_len, bpe=None,
             splits[split] = []
             continue
         # Length filtering waits until after BPE (below); evaluation splits keep every sentence.
-        pairs, empty = read_parallel(src_path, tgt_path)
-        if split == "train" and max_train_pairs:
-            pairs = pairs[:max_train_pairs]
+        numbered, n_lines = read_numbered_parallel(src_path, tgt_path)
+        pairs, empty = [(s, t) for _, s, t in numbered], n_lines - len(numbered)
+        if split == "train":
+            pairs, line_index, train_file_lines = pairs[:max_train_pairs], [i for i, _, _ in numbered], n_lines
         log(f"{split}: {len(pairs)} pairs from {src_path} ({empty} pairs with an empty side dropped)")
         splits[split] = pairs
     is_bpe = any("@@" in tok for _, tgt in splits["train"][:1000] for tok in tgt)
@@ -384,8 +393,10 @@ def load_corpus_dir(data_dir, src_lang, tgt_lang, bpe_merges, max_len, bpe=None,
         splits = {k: [(bpe.encode(s), bpe.encode(t)) for s, t in v] for k, v in splits.items()}
         is_bpe = True
     before = len(splits["train"])
-    splits["train"] = [(s, t) for s, t in splits["train"] if max(len(s), len(t)) <= max_len]
+    kept = [j for j, (s, t) in enumerate(splits["train"]) if max(len(s), len(t)) <= max_len]
+    splits["train"] = [splits["train"][j] for j in kept]
     log(f"train: dropped {before - len(splits['train'])} pairs longer than {max_len} tokens (--max-len)")
     vocab = Vocab.build([s for s, _ in splits["train"]] + [t for _, t in splits["train"]])
     return Corpus(splits["train"], splits["valid"], splits["test"], vocab,
-                  name=os.path.basename(os.path.normpath(data_dir)), bpe=bpe, is_bpe=is_bpe)
+                  name=os.path.basename(os.path.normpath(data_dir)), bpe=bpe, is_bpe=is_bpe,
+                  train_lines=[line_index[j] for j in kept], train_file_lines=train_file_lines)

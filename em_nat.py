@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 import decode
-from data import BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, write_text_atomic
+from data import BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, read_lines, write_text_atomic
 from decode import bleu, ids_to_text, nbest_ids, translate_ids
 from model import autocast_for, build_model, CheckpointError, load_checkpoint, model_config, synchronize
-from train import TrainConfig, train_model
+from train import TrainConfig, barrier, from_main, gather, is_main, remove_loop_files, shard, train_model, world_size
 
 SHARED_IWSLT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "iwslt14.de-en")
 SELECTIONS = ("nar", "random", "ar-top1")
@@ -47,6 +47,8 @@ class DataConfig:
     max_len: int = None           # longest sentence in tokens (None: the preset's)
     max_train_pairs: int = None
     toy_train_size: int = 6000
+    distillation_targets: str = None  # a file of the first NAR model's targets, one line per line of
+                                      # train.SRC (e.g. a stronger teacher's outputs); None: AR_0's beam
 
 
 @dataclass
@@ -80,9 +82,18 @@ class RunConfig:
 # ------------------------------------------------------------------------------------------------
 def distil(run, ar_model):
     """Sequence-level knowledge distillation, the M-step's targets: the AR model's beam-search
-    translation of every training source."""
-    return translate_ids(ar_model, run.train_sources, method="beam", beam=run.em.kd_beam, alpha=run.em.alpha,
-                         max_tokens=run.decode_tokens, device=run.device, progress=True)
+    translation of every training source (each process translates its shard; all get the whole list)."""
+    return gather(translate_ids(ar_model, shard(run.train_sources), method="beam", beam=run.em.kd_beam,
+                                alpha=run.em.alpha, max_tokens=run.decode_tokens, device=run.device,
+                                progress=is_main()))
+
+
+def first_distillation_targets(run, ar_stage):
+    """The first NAR model's targets (stage nar-kd): AR_0's beam outputs, or the precomputed targets
+    the user brings (DataConfig.distillation_targets)."""
+    if run.cfg.data.distillation_targets is None:
+        return distil(run, ar_stage.model())
+    return run.read_distillation_targets(run.cfg.data.distillation_targets)
 
 
 def quality_constrained_set(candidates, ar_scores, margin):
@@ -118,7 +129,7 @@ def select_by_nar_likelihood(run, nar_model, sources, sets):
     first). sets: one list of candidates per source. Returns (selected targets, their NAR scores)."""
     flat = [(i, cand) for i, cands in enumerate(sets) for cand in cands
             if 0 < len(cand) <= nar_model.cfg.max_len]                # the NAR model cannot emit length 0
-    scores = nar_scores(run, nar_model, [(sources[i], cand) for i, cand in flat])
+    scores = gather(nar_scores(run, nar_model, shard([(sources[i], cand) for i, cand in flat])))
     best = [(float("-inf"), None)] * len(sources)
     for (i, cand), score in zip(flat, scores):
         if score > best[i][0]:
@@ -142,9 +153,9 @@ def e_step(run, stage, ar_model, nar_model, iteration):
     """E-step i: Q = AR_{i-1}'s N-best under the quality constraint; the targets = NAR_{i-1}'s choice in
     Q. The N-best (with its AR scores) is saved in the stage directory and read back on resume.
     Returns (targets, notes on Q for the stage's result)."""
-    candidates, ar_scores = run.saved_nbest(stage, lambda: nbest_ids(
-        ar_model, run.train_sources, run.em.candidates, alpha=run.em.alpha, max_tokens=run.decode_tokens,
-        device=run.device, progress=True))
+    candidates, ar_scores = run.saved_nbest(stage, lambda: [gather(part) for part in nbest_ids(
+        ar_model, shard(run.train_sources), run.em.candidates, alpha=run.em.alpha, max_tokens=run.decode_tokens,
+        device=run.device, progress=is_main())])
     sets = [quality_constrained_set(c, s, run.em.quality_margin) for c, s in zip(candidates, ar_scores)]
     targets = select(run, nar_model, sets, iteration)
     return targets, candidate_set_notes(run, sets, targets)
@@ -315,7 +326,8 @@ def em_loop(run):
     real = [t for _, t in run.train_ids]
     ar = run.stage("ar", "ar", "real data", lambda: real)                             # AR_0
     run.stage("nar-raw", "nar", "real data", lambda: real, rescorer=ar)                # the NAR baseline
-    nar = run.stage("nar-kd", "nar", "AR beam outputs (KD)", lambda: distil(run, ar.model()), rescorer=ar)
+    kd = "AR beam outputs (KD)" if run.cfg.data.distillation_targets is None else "precomputed KD targets"
+    nar = run.stage("nar-kd", "nar", kd, lambda: first_distillation_targets(run, ar), rescorer=ar)   # NAR_0
     for i in range(1, run.em.iterations + 1):
         prev_ar, prev_nar = ar, nar
         # E-step: within Q (AR_{i-1}'s N-best), the targets NAR_{i-1} likes best; AR_i learns them.
@@ -339,6 +351,34 @@ class Stage:
         return self._model
 
 
+def config_settings(data: DataConfig, train: TrainConfig, em: EMConfig, world):
+    """The options that shape a run's models and targets, as run.json records them. An update's size
+    is recorded as batches_per_update (update_freq x processes): 8 processes with update_freq 1 train
+    exactly as 1 process with update_freq 8, and may resume each other's runs."""
+    data = asdict(data)
+    if data["data_dir"] is None:
+        data["bpe_merges"] = None
+    train_settings = {k: v for k, v in asdict(train).items() if k not in ("device", "update_freq")}
+    train_settings["batches_per_update"] = train.update_freq * world
+    return {"data_options": data, "train": train_settings,
+            "em": {k: v for k, v in asdict(em).items() if k not in ("iterations", "speed_sentences")}}
+
+
+def setting_changes(saved, current, defaults):
+    """'name: saved -> current' for every setting of `current` that differs from `saved` (sections,
+    e.g. "train", compared key by key). A key missing from `saved` counts as its value in `defaults`."""
+    changes = []
+    for key, value in current.items():
+        if isinstance(value, dict) and isinstance(saved.get(key), dict):
+            changes += [f"{key}.{change}" for change in setting_changes(saved[key], value, defaults.get(key, {}))]
+        elif key not in saved and key in defaults:
+            if defaults[key] != value:
+                changes.append(f"{key}: {defaults[key]} (default) -> {value}")
+        elif saved.get(key) != value:
+            changes.append(f"{key}: {saved.get(key)} -> {value}")
+    return changes
+
+
 class Run:
     """A run directory, its data, and the stages trained into it."""
 
@@ -351,8 +391,11 @@ class Run:
         os.makedirs(self.dir, exist_ok=True)
         self.max_len = cfg.data.max_len or model_config(cfg.preset, 0, "ar").max_len
         self.decode_tokens = cfg.train.max_tokens * 4
-        self.corpus = self.load_corpus()
-        self.check_run_dir()
+        for turn in ("rank 0", "the others"):                 # rank 0 learns the BPE and writes run.json,
+            if is_main() == (turn == "rank 0"):               # the other processes then read them
+                self.corpus = self.load_corpus()
+                self.check_run_dir()
+            barrier()
         self.train_ids = self.corpus.ids("train")
         self.train_sources = [s for s, _ in self.train_ids]
         # The validation split chooses checkpoints (its loss needs pairs the model can hold); every stage
@@ -374,40 +417,38 @@ class Run:
         corpus = load_corpus_dir(data.data_dir, data.src, data.tgt, data.bpe_merges, self.max_len,
                                  bpe=BPE.load(bpe_path) if os.path.isfile(bpe_path) else None,
                                  max_train_pairs=data.max_train_pairs)
-        if corpus.bpe is not None and not os.path.isfile(bpe_path):
+        if corpus.bpe is not None and not os.path.isfile(bpe_path) and is_main():
             corpus.bpe.save(bpe_path)
         return corpus
 
     def settings(self):
         """Everything that shapes the run's models and saved targets (run.json)."""
-        data = asdict(self.cfg.data)
-        if data["data_dir"] is None:
-            data["bpe_merges"] = None
-        train = {k: v for k, v in asdict(self.cfg.train).items() if k != "device"}
         return {"data": self.corpus.name, "preset": self.cfg.preset, "seed": self.cfg.seed,
                 "vocab_size": len(self.corpus.vocab), "train_pairs": len(self.corpus.train),
-                "max_len": self.max_len, "data_options": data, "train": train,
-                "em": {k: v for k, v in asdict(self.em).items() if k not in ("iterations", "speed_sentences")}}
+                "max_len": self.max_len, **config_settings(self.cfg.data, self.cfg.train, self.em, world_size())}
 
     def check_run_dir(self):
         """A run directory belongs to one data set and one set of settings: resuming it with others
-        would mix models trained on different vocabularies or targets."""
+        would mix models trained on different vocabularies or targets. A setting that the saved
+        run.json lacks (added to em-nat after the run began) counts as its default, the behaviour the
+        run had: older run directories stay resumable."""
         settings, path = self.settings(), os.path.join(self.dir, "run.json")
         if os.path.isfile(path):
             with open(path) as f:
                 saved = json.load(f)
-            changed = [k for k in settings if saved.get(k) != settings[k]]
+            defaults = config_settings(DataConfig(), TrainConfig(), EMConfig(), world=1)
+            changed = setting_changes(saved, settings, defaults)
             if changed:
                 raise CheckpointError(f"{path}: this run directory was made with other settings "
-                                      f"({', '.join(f'{k}: {saved.get(k)} -> {settings[k]}' for k in changed)}); "
-                                      f"use another --out or the original options")
-        else:
+                                      f"({'; '.join(changed)}); use another --out or the original options")
+        elif is_main():
             write_text_atomic(path, json.dumps(settings, indent=2))
         vocab_path = os.path.join(self.dir, "vocab.txt")
         if os.path.isfile(vocab_path) and Vocab.load(vocab_path).itos != self.corpus.vocab.itos:
             raise CheckpointError(f"{vocab_path}: differs from the vocabulary of the data; "
                                   f"use another --out for this data")
-        self.corpus.vocab.save(vocab_path)
+        if is_main():
+            self.corpus.vocab.save(vocab_path)
 
     def stage_dir(self, name):
         return os.path.join(self.dir, name)
@@ -415,8 +456,11 @@ class Run:
     # ----- one stage ------------------------------------------------------------------------------
     def stage(self, name, kind, trained_on, make_targets, init_from=None, rescorer=None):
         """Train a `kind` model on the targets make_targets() returns (a list, or (list, notes)),
-        evaluate it and write result.json; or, if that file exists, read the finished stage back."""
+        evaluate it and write result.json; or, if that file exists, read the finished stage back.
+        Under torchrun every process trains, and decodes its share of the targets; rank 0 alone
+        evaluates and writes."""
         path = os.path.join(self.stage_dir(name), "result.json")
+        barrier()                                                         # rank 0 has written the last stage
         if os.path.isfile(path):
             with open(path) as f:
                 self.results.append(json.load(f))
@@ -425,19 +469,24 @@ class Run:
         print(f"[{name}] training {'an AR' if kind == 'ar' else 'a NAR'} model on {trained_on} ...")
         targets, notes = self.targets(name, make_targets)
         model, summary = self.train(name, self.new_model(kind, init_from), targets)
+        result = None
+        if is_main():
+            result = self.evaluate(model, kind, targets, rescorer)
+            result.update(stage=name, kind=kind, trained_on=trained_on, training=summary, **notes)
+            write_text_atomic(path, json.dumps(result, indent=2))
+            remove_loop_files(self.stage_dir(name))                       # the stage is done
+            print(format_table([result], self.corpus.toy is not None))
+        self.results.append(from_main(result))
+        return Stage(self, name, model)
+
+    def evaluate(self, model, kind, targets, rescorer):
+        """A stage's results: its model on the test split, and the multi-modality of its targets."""
         result = evaluate_ar(self, model) if kind == "ar" else evaluate_nar(self, model, rescorer.model())
-        result.update(stage=name, kind=kind, trained_on=trained_on, training=summary, split=self.eval_split,
-                      targets_entropy=alignment_entropy(list(zip(self.train_sources, targets))),
-                      targets_nll=targets_nll(self, model, targets) if kind == "nar" else None, **notes)
+        result.update(split=self.eval_split, targets_entropy=alignment_entropy(list(zip(self.train_sources, targets))),
+                      targets_nll=targets_nll(self, model, targets) if kind == "nar" else None)
         if self.corpus.toy is not None:
             result.update(target_modes(self, targets))
-        write_text_atomic(path, json.dumps(result, indent=2))
-        resume = os.path.join(self.stage_dir(name), "resume.pt")
-        if os.path.isfile(resume):
-            os.remove(resume)                                             # the stage is done
-        self.results.append(result)
-        print(format_table([result], self.corpus.toy is not None))
-        return Stage(self, name, model)
+        return result
 
     def new_model(self, kind, init_from=None):
         """A fresh model. The seed is set right here, from the stage's place in the loop, because
@@ -454,7 +503,7 @@ class Run:
         """Train `model` on (training source, target) pairs into the stage's directory."""
         stage = self.stage_dir(name)
         for file in ("vocab.txt", "bpe.codes"):
-            if os.path.isfile(os.path.join(self.dir, file)):
+            if os.path.isfile(os.path.join(self.dir, file)) and is_main():
                 shutil.copyfile(os.path.join(self.dir, file), os.path.join(stage, file))
         pairs = [(s, t) for s, t in zip(self.train_sources, targets) if 0 < len(t) <= self.max_len]
         if len(pairs) < len(targets):
@@ -470,19 +519,24 @@ class Run:
         os.makedirs(self.stage_dir(name), exist_ok=True)
         path, notes_path = os.path.join(self.stage_dir(name), "train.tgt"), os.path.join(self.stage_dir(name),
                                                                                          "targets.json")
-        if os.path.isfile(path) and os.path.isfile(notes_path):
+        saved = os.path.isfile(path) and os.path.isfile(notes_path)
+        barrier()                                         # every process has looked before rank 0 writes
+        if saved:
             with open(notes_path) as f:
                 return self.read_ids(path), json.load(f)
         made = make_targets()
         targets, notes = made if isinstance(made, tuple) else (made, {})
-        self.write_ids(path, targets)
-        write_text_atomic(notes_path, json.dumps(notes))
+        if is_main():
+            self.write_ids(path, targets)
+            write_text_atomic(notes_path, json.dumps(notes))
         return targets, notes
 
     def saved_nbest(self, name, compute):
         """The E-step's N-best candidates and their AR scores, saved as candidates.tgt / .scores."""
         path = os.path.join(self.stage_dir(name), "candidates")
-        if os.path.isfile(path + ".tgt") and os.path.isfile(path + ".scores"):
+        saved = os.path.isfile(path + ".tgt") and os.path.isfile(path + ".scores")
+        barrier()                                         # every process has looked before rank 0 writes
+        if saved:
             flat = self.read_ids(path + ".tgt")
             with open(path + ".scores") as f:
                 flat_scores = [float(x) for x in f.read().split()]
@@ -490,11 +544,28 @@ class Run:
             candidates, scores = compute()
             flat = [c for cands in candidates for c in cands]
             flat_scores = [s for row in scores for s in row]
-            self.write_ids(path + ".tgt", flat)
-            write_text_atomic(path + ".scores", "".join(f"{s:.6f}\n" for s in flat_scores))
+            if is_main():
+                self.write_ids(path + ".tgt", flat)
+                write_text_atomic(path + ".scores", "".join(f"{s:.6f}\n" for s in flat_scores))
         n = self.em.candidates
         group = lambda items: [items[i * n:(i + 1) * n] for i in range(len(self.train_sources))]
         return group(flat), group(flat_scores)
+
+    def read_distillation_targets(self, path):
+        """Precomputed targets for the first NAR model: one line per line of train.SRC (the lines em-nat
+        drops, empty or too long, are dropped from both), tokenised as train.TGT: BPE-encoded with the
+        run's BPE where em-nat learned one and the file holds plain text."""
+        corpus = self.corpus
+        if corpus.train_lines is None:
+            raise DataError(f"{path}: precomputed distillation targets need a corpus directory (--data-dir)")
+        lines = read_lines(path)
+        if len(lines) != corpus.train_file_lines:
+            raise DataError(f"{path} has {len(lines)} lines but the training sources have {corpus.train_file_lines}: "
+                            f"the distillation targets must translate train.{self.cfg.data.src} line by line")
+        targets = [lines[i].split() for i in corpus.train_lines]
+        if corpus.bpe is not None and not any("@@" in tok for t in targets[:1000] for tok in t):
+            targets = [corpus.bpe.encode(t) for t in targets]
+        return [corpus.vocab.encode(t) for t in targets]
 
     def write_ids(self, path, targets):
         write_text_atomic(path, "".join(" ".join(self.corpus.vocab.decode(t)) + "\n" for t in targets))
@@ -584,9 +655,10 @@ def main(cfg: RunConfig):
     DataError / CheckpointError / TrainingError with a one-line message; train.py reports them."""
     run = Run(cfg)
     print(f"em-nat: {run.corpus.name}, {len(run.train_ids)} training pairs, vocabulary {len(run.corpus.vocab)}, "
-          f"preset {cfg.preset}, device {run.device}, run directory {run.dir}")
+          f"preset {cfg.preset}, device {run.device}, {world_size()} process(es), run directory {run.dir}")
     results = em_loop(run)
-    print_results(run, results)
+    if is_main():
+        print_results(run, results)
     return results
 
 
@@ -595,7 +667,7 @@ def copy_shared_stages(source_dir, target_dir, stages=("ar", "nar-raw", "nar-kd"
     finished stages before them."""
     for name in stages:
         src, dst = os.path.join(source_dir, name), os.path.join(target_dir, name)
-        if os.path.isfile(os.path.join(src, "result.json")) and not os.path.exists(dst):
+        if os.path.isfile(os.path.join(src, "result.json")) and not os.path.exists(dst) and is_main():
             shutil.copytree(src, dst)
 
 
@@ -615,6 +687,8 @@ def main_seeds(cfg: RunConfig, seeds, selections):
                 by_stage.setdefault((selection, result["stage"]), []).append(result)
     summary = format_seed_summary(by_stage, toy=cfg.data.data_dir is None, seeds=seeds)
     print("\n" + summary)
+    if not is_main():
+        return by_stage
     write_text_atomic(os.path.join(cfg.out, "seeds.txt"), summary + "\n")
     write_text_atomic(os.path.join(cfg.out, "seeds.json"), json.dumps(
         {f"{sel}/{stage}": results for (sel, stage), results in by_stage.items()}, indent=2))

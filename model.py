@@ -316,9 +316,13 @@ class Transformer(nn.Module):
         return x
 
     # ----- losses and scores ---------------------------------------------------------------------
-    def forward(self, src, tgt):
+    def forward(self, src, tgt, normalizers=None):
         """Training loss for a batch. src: (batch, src_len), tgt: (batch, tgt_len), PAD-padded.
-        Returns (loss averaged over target tokens, number of target tokens)."""
+        Returns (loss averaged over target tokens, number of target tokens). The NAR loss adds the
+        length loss, averaged over sentences. normalizers: (target tokens, sentences) to divide the
+        summed losses by instead of this batch's own counts (target_counts): when an update spans
+        several batches (gradient accumulation, several devices), each batch's loss is its share of
+        the whole update's average."""
         enc, enc_keep = self.encode(src)
         eps = self.cfg.label_smoothing
         if self.cfg.kind == "ar":
@@ -326,18 +330,27 @@ class Transformer(nn.Module):
             logits = self.ar_logits(dec_in, enc, enc_keep)                # (batch, t+1, vocab)
             n_tokens = (dec_out != PAD).sum()
             loss = F.cross_entropy(logits.flatten(0, 1).float(), dec_out.flatten(), ignore_index=PAD,
-                                   label_smoothing=eps, reduction="sum") / n_tokens
-            return loss, n_tokens
+                                   label_smoothing=eps, reduction="sum")
+            return loss / (n_tokens if normalizers is None else normalizers[0]), n_tokens
         lengths = (tgt != PAD).sum(1)                                     # (batch,)
         logits = self.nar_logits(lengths, enc, enc_keep, max_tgt_len=tgt.size(1))  # (batch, t, vocab)
         n_tokens = lengths.sum()
         token_loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=PAD,
-                                     label_smoothing=eps, reduction="sum") / n_tokens
-        return token_loss + self.cfg.length_loss_weight * self.length_loss(enc, lengths), n_tokens
+                                     label_smoothing=eps, reduction="sum")
+        if normalizers is None:
+            return token_loss / n_tokens + self.cfg.length_loss_weight * self.length_loss(enc, lengths), n_tokens
+        length_loss = self.length_loss(enc, lengths, reduction="sum") / normalizers[1]
+        return token_loss / normalizers[0] + self.cfg.length_loss_weight * length_loss, n_tokens
 
-    def length_loss(self, enc, lengths):
+    def target_counts(self, tgt):
+        """(target tokens, sentences) of a batch, as forward counts them (the AR model also predicts
+        <eos>): the denominators of its loss."""
+        return int((tgt != PAD).sum()) + (tgt.size(0) if self.cfg.kind == "ar" else 0), tgt.size(0)
+
+    def length_loss(self, enc, lengths, reduction="mean"):
         """Label-smoothed cross-entropy of the true target lengths (batch,) under the length classifier."""
-        return F.cross_entropy(self.length_logits(enc).float(), lengths, label_smoothing=self.cfg.label_smoothing)
+        return F.cross_entropy(self.length_logits(enc).float(), lengths, label_smoothing=self.cfg.label_smoothing,
+                               reduction=reduction)
 
     @torch.no_grad()
     def score(self, src, tgt):

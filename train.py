@@ -11,13 +11,14 @@ the best checkpoint kept as a plain state dict plus config JSON. A stage's loop 
 any time (Ctrl-C) and resumes where it stopped with the same result; em_nat.py runs the stages.
 """
 import argparse
+import datetime
 import math
 import os
 import random
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict
 
 import torch
@@ -38,8 +39,19 @@ class TrainConfig:
     clip: float = 1.0
     weight_decay: float = 1e-4
     valid_every: int = 1000
+    update_freq: int = 1          # token-budget batches (per process) whose gradients make one update
+    final_model: str = "best"     # the stage's model: "best" (lowest validation loss) or "last" step
+    average_last: int = 1         # with "last": the mean of the last K checkpoints, one every valid_every
     seed: int = 1
     device: str = "cpu"
+
+    def __post_init__(self):
+        if self.final_model not in ("best", "last"):
+            raise ValueError(f"final_model must be 'best' or 'last', not {self.final_model!r}")
+        if self.update_freq < 1 or self.average_last < 1:
+            raise ValueError("update_freq and average_last count batches and checkpoints: at least 1")
+        if self.average_last > 1 and self.final_model != "last":
+            raise ValueError("averaging the last checkpoints (average_last > 1) needs final_model 'last'")
 
     def steps_for(self, kind):
         return self.ar_steps if kind == "ar" else self.nar_steps
@@ -54,6 +66,89 @@ TRAIN_PRESETS = {
     "iwslt": dict(lr=1e-3, warmup=4000, max_tokens=8192, ar_steps=60000, nar_steps=200000, valid_every=2000),
     "base": dict(lr=7e-4, warmup=4000, max_tokens=8192, ar_steps=100000, nar_steps=300000, valid_every=2000),
 }
+
+
+# ----- several processes (torchrun): PyTorch's DistributedDataParallel, and a few helpers -------------
+# Without torchrun (one process) every helper is the identity or does nothing. Under torchrun every
+# process runs the same program on its own device: each trains on its share of every update's batches
+# (update_batches) and DDP averages the gradients; each decodes a share of the sources (shard) and all
+# get the whole result back in order (gather); rank 0 alone writes files, and prints.
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size():
+    return torch.distributed.get_world_size() if distributed() else 1
+
+
+def rank():
+    return torch.distributed.get_rank() if distributed() else 0
+
+
+def is_main():
+    """The process that writes checkpoints, targets, results and logs."""
+    return rank() == 0
+
+
+def barrier():
+    """Wait until every process gets here (e.g. before reading a file rank 0 wrote)."""
+    if distributed():
+        torch.distributed.barrier()
+
+
+def sum_over_ranks(tensor):
+    """The element-wise sum of a CPU tensor over the processes."""
+    if distributed():
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        summed = tensor.to(device)
+        torch.distributed.all_reduce(summed)
+        return summed.cpu()
+    return tensor
+
+
+def any_rank(flag):
+    """True on every process when it is true on one (a Ctrl-C seen by one process stops all)."""
+    return bool(sum_over_ranks(torch.tensor([float(flag)]))) if distributed() else flag
+
+
+def shard(items):
+    """This process's share of a list: every world_size-th item from its rank (the shares are
+    balanced in length when the list is sorted or random)."""
+    return items[rank()::world_size()]
+
+
+def gather(part):
+    """The whole list back, in the original order, from every process's shard(...) results."""
+    if not distributed():
+        return part
+    parts = [None] * world_size()
+    torch.distributed.all_gather_object(parts, part)
+    return [parts[i % len(parts)][i // len(parts)] for i in range(sum(map(len, parts)))]
+
+
+def from_main(obj):
+    """Rank 0's `obj` on every process (what rank 0 alone computed: an evaluation)."""
+    if not distributed():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def data_parallel(model):
+    """The model wrapped in DistributedDataParallel under torchrun (its weights broadcast from rank 0,
+    its gradients averaged over the processes at each backward pass); else the model itself."""
+    if not distributed():
+        return model
+    device = next(model.parameters()).device
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def gradients_kept_local(net, last):
+    """Within an update, DDP should average the gradients once, at the last batch's backward pass:
+    no_sync() before it. Nothing to do for a plain model."""
+    return net.no_sync() if hasattr(net, "no_sync") and not last else nullcontext()
 
 
 class TrainingError(RuntimeError):
@@ -120,12 +215,13 @@ def save_resume_state(path, model, optimizer, scheduler, position):
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, path)
 
 
-def forward_backward(model, src, tgt, cfg, desc):
+def forward_backward(model, src, tgt, cfg, desc, normalizers=None):
     """Loss and gradients of one batch (bf16 autocast on CUDA). Returns (loss, target tokens).
-    Out of memory becomes a TrainingError that says which budget to lower."""
+    normalizers: see Transformer.forward. Out of memory becomes a TrainingError that says which
+    budget to lower."""
     try:
         with autocast_for(cfg.device):
-            loss, n_tokens = model(src, tgt)
+            loss, n_tokens = model(src, tgt, normalizers)
         loss.backward()
     except torch.OutOfMemoryError:
         raise TrainingError(f"{desc}: out of memory on a batch of {tgt.numel()} target tokens; "
@@ -165,6 +261,26 @@ def restore_resume_state(path, model, optimizer, scheduler):
     return state["position"]
 
 
+def update_batches(batches, cfg):
+    """This process's token-budget batches for one update. An update is update_freq x world_size
+    consecutive batches of the stream; rank r trains on the r-th run of update_freq of them, so N
+    processes with update_freq K train on exactly the batches of one process with update_freq N x K."""
+    update = [next(batches) for _ in range(cfg.update_freq * world_size())]
+    return update[rank() * cfg.update_freq:(rank() + 1) * cfg.update_freq]
+
+
+def update_normalizers(model, micro_batches):
+    """The denominators of the loss of an update that spans several batches: its target tokens and
+    sentences over all of them, on every process, divided by the number of processes (DDP averages
+    the processes' gradients, so each contributes its sum over the whole update's count / N). None for
+    one batch on one process: the model then divides by the batch's own counts, as it always has."""
+    if len(micro_batches) == 1 and world_size() == 1:
+        return None
+    counts = [model.target_counts(tgt) for _, tgt in micro_batches]
+    totals = sum_over_ranks(torch.tensor([float(sum(c[0] for c in counts)), float(sum(c[1] for c in counts))]))
+    return (totals / world_size()).tolist()
+
+
 def remaining_batches(lengths, cfg, position):
     """Token-budget batches from the loop's position on, epoch after epoch (each epoch its own shuffle,
     so a resumed loop sees the same batches as an uninterrupted one). Updates position's epoch/batch."""
@@ -177,16 +293,75 @@ def remaining_batches(lengths, cfg, position):
         position["batch"] = 0
 
 
-def train_step(model, optimizer, scheduler, src, tgt, cfg, desc, out_dir, step):
-    """One update on one batch; returns (loss, target tokens). A non-finite loss stops the loop."""
-    loss, n_tokens = forward_backward(model, src, tgt, cfg, desc)
-    loss_value = loss.item()
+def train_step(net, optimizer, scheduler, micro_batches, cfg, desc, out_dir, step):
+    """One update: the gradients of this process's batches (src, tgt) summed, each batch's loss its share
+    of the whole update's per-token average; then one clipped AdamW step and one schedule step.
+    net: the model, or its DistributedDataParallel wrapper (which averages the gradients over the
+    processes at the update's last backward pass). Returns (the update's loss, this process's target
+    tokens). A non-finite loss stops the loop."""
+    model = getattr(net, "module", net)
+    normalizers = update_normalizers(model, micro_batches)
+    loss_sum, n_tokens = 0.0, 0
+    for i, (src, tgt) in enumerate(micro_batches):
+        with gradients_kept_local(net, last=i == len(micro_batches) - 1):
+            loss, n = forward_backward(net, src, tgt, cfg, desc, normalizers)
+        loss_sum, n_tokens = loss_sum + loss.detach(), n_tokens + n
+    loss_value = float(sum_over_ranks(loss_sum)) / world_size()
     if not math.isfinite(loss_value):
         raise TrainingError(f"{desc}: the loss became {loss_value} at step {step}; the last good weights are in "
                             f"{out_dir}; lower --lr (now {cfg.lr}) and run again")
     optimizer_step(model, optimizer, cfg)
     scheduler.step()
     return loss_value, int(n_tokens)
+
+
+# ----- the stage's model: the best, the last, or the mean of the last checkpoints ------------------
+def step_checkpoint_paths(out_dir):
+    """The periodic checkpoints step<N>.pt of a loop that averages its last ones, oldest first."""
+    names = [n for n in os.listdir(out_dir) if n.startswith("step") and n.endswith(".pt")]
+    return [os.path.join(out_dir, n) for n in sorted(names, key=lambda n: int(n[4:-3]))]
+
+
+def keep_checkpoint(model, out_dir, cfg, step, is_best, meta):
+    """At a validation: the best model so far becomes model.pt (final_model "best"); or (final_model
+    "last") this step's weights become step<N>.pt, keeping only the last average_last of them."""
+    if not is_main():
+        return
+    if cfg.final_model == "best":
+        if is_best:
+            save_checkpoint(model, out_dir, **meta)
+        return
+    save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"step{step}.pt"))
+    for old in step_checkpoint_paths(out_dir)[:-cfg.average_last]:
+        os.remove(old)
+
+
+def average_state_dicts(paths):
+    """The element-wise mean of saved state dicts (as fairseq's average_checkpoints.py), summed in
+    float64 and cast back to each tensor's dtype."""
+    states = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) for k, v in states[0].items()}
+
+
+def finish_model(model, out_dir, cfg, meta):
+    """Put the stage's final weights into `model` (and model.pt): the best checkpoint, or the last
+    step's weights, or the mean of the last average_last checkpoints (the last one is the last step)."""
+    path = os.path.join(out_dir, "model.pt")
+    if cfg.final_model == "last":
+        model.load_state_dict(average_state_dicts(step_checkpoint_paths(out_dir)[-cfg.average_last:]))
+        if is_main():
+            save_checkpoint(model, out_dir, **meta)
+    else:
+        model.load_state_dict(torch.load(path, map_location=cfg.device, weights_only=True))
+    model.eval()
+    return model
+
+
+def remove_loop_files(out_dir):
+    """A finished stage no longer needs its loop's resume state and periodic checkpoints."""
+    for path in [os.path.join(out_dir, "resume.pt")] + step_checkpoint_paths(out_dir):
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc="train", meta=None):
@@ -205,36 +380,38 @@ def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc
     lengths = [max(len(s), len(t)) + 1 for s, t in train_pairs]    # +1: <bos>/<eos> or the summary slot
     meta = dict(meta or {}, train=asdict(cfg))
     model.train()
-    bar = tqdm(total=steps, initial=position["step"], desc=desc, leave=False, dynamic_ncols=True)
+    net = data_parallel(model)
+    bar = tqdm(total=steps, initial=position["step"], desc=desc, leave=False, dynamic_ncols=True, disable=not is_main())
     with graceful_interrupt() as interrupt:
         batches = remaining_batches(lengths, cfg, position)
         while position["step"] < steps:
             start = time.perf_counter()
-            src, tgt = collate([train_pairs[i] for i in next(batches)], cfg.device)
-            loss, n_tokens = train_step(model, optimizer, scheduler, src, tgt, cfg, desc, out_dir,
+            micro_batches = [collate([train_pairs[i] for i in batch], cfg.device)
+                             for batch in update_batches(batches, cfg)]
+            loss, n_tokens = train_step(net, optimizer, scheduler, micro_batches, cfg, desc, out_dir,
                                         position["step"] + 1)
             position["step"] += 1
             position["tokens"] += n_tokens
             position["seconds"] += time.perf_counter() - start
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{position['tokens'] / position['seconds']:.0f}")
-            done, stop = position["step"] >= steps, interrupt["stop"]
+            done, stop = position["step"] >= steps, any_rank(interrupt["stop"])
             if done or position["step"] % cfg.valid_every == 0:
                 valid = validation_loss(model, valid_pairs, cfg)
-                if valid < position["best"]:
-                    position["best"] = valid
-                    save_checkpoint(model, out_dir, **meta)
+                keep_checkpoint(model, out_dir, cfg, position["step"], valid < position["best"], meta)
+                position["best"] = min(position["best"], valid)
                 bar.write(f"{desc}: step {position['step']}  train loss {loss:.3f}  valid loss {valid:.3f}  "
                           f"best {position['best']:.3f}")
-            if done or stop or position["step"] % cfg.valid_every == 0:
+            if (done or stop or position["step"] % cfg.valid_every == 0) and is_main():
                 save_resume_state(resume_path, model, optimizer, scheduler, position)
             if stop:
                 bar.close()
                 raise Stopped(f"stopped at step {position['step']} of {desc}; run the same command again to resume")
     bar.close()
-    model.load_state_dict(torch.load(os.path.join(out_dir, "model.pt"), map_location=cfg.device, weights_only=True))
-    model.eval()
-    return model, {"steps": position["step"], "valid_loss": position["best"],
+    barrier()                                                 # the other processes read what rank 0 saved
+    model = finish_model(model, out_dir, cfg, meta)
+    valid = position["best"] if cfg.final_model == "best" else validation_loss(model, valid_pairs, cfg)
+    return model, {"steps": position["step"], "valid_loss": valid,
                    "tokens_per_s": position["tokens"] / max(position["seconds"], 1e-9),
                    "parameters": count_parameters(model)}
 
@@ -266,6 +443,9 @@ def build_parser():
                    help="joint BPE merges learned on plain text (0: use the text as it is)")
     d.add_argument("--max-train-pairs", type=int, help="use only the first N training pairs (default: all)")
     d.add_argument("--toy-train-size", type=int, default=6000, help="training pairs of the toy task")
+    d.add_argument("--distillation-targets", metavar="FILE",
+                   help="the first NAR model's targets, precomputed (e.g. by a stronger teacher): one line per "
+                        "line of train.SRC, tokenised as train.TGT (default: AR_0's beam outputs)")
     m = p.add_argument_group("model and training")
     m.add_argument("--preset", choices=sorted(PRESETS), help="model size (default: toy on the toy task, "
                                                            "iwslt with --data-dir)")
@@ -277,6 +457,15 @@ def build_parser():
     m.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     m.add_argument("--warmup", type=int, help="warm-up steps (default: the preset's)")
     m.add_argument("--valid-every", type=int, help="steps between validations (default: the preset's)")
+    m.add_argument("--update-freq", type=int, default=1,
+                   help="batches whose gradients make one update (per process; under torchrun each of the N "
+                        "processes takes K batches: an update of N x K batches)")
+    m.add_argument("--final-model", choices=["best", "last"], default="best",
+                   help="each stage's model: the checkpoint of lowest validation loss, or the last step's "
+                        "(as the paper's scripts, which load a fixed step)")
+    m.add_argument("--average-last", type=int, default=1, metavar="K",
+                   help="with --final-model last: the mean of the last K checkpoints, taken every "
+                        "--valid-every steps (as fairseq's average_checkpoints.py)")
     e = p.add_argument_group("EM loop and decoding")
     e.add_argument("--em-iterations", type=int, default=2, help="EM iterations after distillation")
     e.add_argument("--candidates", type=int, default=20, help="AR N-best candidates per source (E-step)")
@@ -317,7 +506,27 @@ def train_config(args, preset):
     for name in ("ar_steps", "nar_steps", "max_tokens", "lr", "warmup", "valid_every"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    return TrainConfig(**values, seed=args.seed, device=pick_device(args.device))
+    return TrainConfig(**values, update_freq=args.update_freq, final_model=args.final_model,
+                       average_last=args.average_last, seed=args.seed, device=process_device(args.device))
+
+
+def process_device(name):
+    """The device of this process: under torchrun on CUDA, the GPU of its local rank."""
+    device = pick_device(name)
+    if distributed() and device == "cuda":
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
+
+
+def start_processes(device_name):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on CUDA, gloo on CPU. The timeout
+    is long because the other processes wait while rank 0 alone learns the BPE or evaluates a stage."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    cuda = pick_device(device_name) == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
 
 
 def benchmark(args):
@@ -397,7 +606,7 @@ def run_config(args):
         out=args.out or os.path.join("runs", f"{default_name}-{preset}"), preset=preset, seed=args.seed,
         data=DataConfig(data_dir=args.data_dir, src=args.src, tgt=args.tgt, bpe_merges=args.bpe_merges,
                         max_len=args.max_len, max_train_pairs=args.max_train_pairs,
-                        toy_train_size=args.toy_train_size),
+                        toy_train_size=args.toy_train_size, distillation_targets=args.distillation_targets),
         train=train_config(args, preset),
         em=EMConfig(iterations=args.em_iterations, candidates=args.candidates, quality_margin=args.quality_margin,
                     selection=args.selection, kd_beam=args.kd_beam, beam=args.beam, alpha=alpha,
@@ -405,14 +614,21 @@ def run_config(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     keep_freed_memory_on_cpu()
     if args.benchmark:
         sys.exit(benchmark(args))
     import em_nat  # the EM pipeline, built on the training loop above
     from data import DataError
     from model import CheckpointError
-    cfg = run_config(args)
+    start_processes(args.device)
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")                    # one log: rank 0's
+    try:
+        cfg = run_config(args)
+    except ValueError as err:
+        parser.error(str(err))
     try:
         if args.seeds:
             selections = ["nar", "random", "ar-top1"] if args.controls else [cfg.em.selection]
