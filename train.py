@@ -142,7 +142,7 @@ def data_parallel(model):
         return model
     device = next(model.parameters()).device
     device_ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def gradients_kept_local(net, last):
