@@ -405,6 +405,8 @@ class Run:
         if not self.valid_loss_pairs:
             raise DataError(f"{self.corpus.name}: none of the {len(valid_ids)} validation pairs is within "
                             f"--max-len {self.max_len} tokens, so no checkpoint could be chosen; raise --max-len")
+        if cfg.data.distillation_targets is not None:
+            self.read_distillation_targets(cfg.data.distillation_targets)   # refused now, not after AR_0
         self.eval_split = "test" if self.corpus.test else "valid"
         self.eval_sources = [s[:self.max_len] for s, _ in self.corpus.ids(self.eval_split)]
         self.results = []

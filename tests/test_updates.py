@@ -151,7 +151,7 @@ def test_precomputed_distillation_targets_follow_the_lines_of_train_src(tmp_path
     assert words == [["y", "y"], ["z", "z", "z"], ["x"]]             # lines 1, 3 and 5, as the pairs kept
     kd.write_text("y y\nz z z\nx\n")
     with pytest.raises(DataError, match="has 3 lines but the training sources have 5"):
-        run.read_distillation_targets(str(kd))
+        em_nat.Run(cfg)                                           # at the start, not after training AR_0
 
 
 # ----- two processes (torchrun's DistributedDataParallel, gloo on CPU) vs one --------------------
