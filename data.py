@@ -382,7 +382,8 @@ def load_corpus_dir(data_dir, src_lang, tgt_lang, bpe_merges, max_len, bpe=None,
         numbered, n_lines = read_numbered_parallel(src_path, tgt_path)
         pairs, empty = [(s, t) for _, s, t in numbered], n_lines - len(numbered)
         if split == "train":
-            pairs, line_index, train_file_lines = pairs[:max_train_pairs], [i for i, _, _ in numbered], n_lines
+            pairs = pairs[:max_train_pairs or None]
+            line_index, train_file_lines = [i for i, _, _ in numbered], n_lines     # the pairs' lines in train.SRC
         log(f"{split}: {len(pairs)} pairs from {src_path} ({empty} pairs with an empty side dropped)")
         splits[split] = pairs
     is_bpe = any("@@" in tok for _, tgt in splits["train"][:1000] for tok in tgt)
