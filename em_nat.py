@@ -391,10 +391,11 @@ class Run:
         os.makedirs(self.dir, exist_ok=True)
         self.max_len = cfg.data.max_len or model_config(cfg.preset, 0, "ar").max_len
         self.decode_tokens = cfg.train.max_tokens * 4
-        for turn in ("rank 0", "the others"):                 # rank 0 learns the BPE and writes run.json,
-            if is_main() == (turn == "rank 0"):               # the other processes then read them
-                self.corpus = self.load_corpus()
-                self.check_run_dir()
+        if not is_main():
+            barrier()                     # under torchrun rank 0 first learns the BPE and writes run.json;
+        self.corpus = self.load_corpus()  # the other processes then read them
+        self.check_run_dir()
+        if is_main():
             barrier()
         self.train_ids = self.corpus.ids("train")
         self.train_sources = [s for s, _ in self.train_ids]

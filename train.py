@@ -644,6 +644,9 @@ def main(argv=None):
         sys.exit(f"error: {err}")
     except Stopped as stop:
         sys.exit(str(stop))
+    finally:
+        if distributed():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
