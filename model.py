@@ -339,7 +339,7 @@ class Transformer(nn.Module):
                                      label_smoothing=eps, reduction="sum")
         if normalizers is None:
             return token_loss / n_tokens + self.cfg.length_loss_weight * self.length_loss(enc, lengths), n_tokens
-        length_loss = self.length_loss(enc, lengths, reduction="sum") / normalizers[1]
+        length_loss = self.length_loss(enc, lengths) * lengths.size(0) / normalizers[1]    # mean -> sum -> share
         return token_loss / normalizers[0] + self.cfg.length_loss_weight * length_loss, n_tokens
 
     def target_counts(self, tgt):
@@ -347,10 +347,9 @@ class Transformer(nn.Module):
         <eos>): the denominators of its loss."""
         return int((tgt != PAD).sum()) + (tgt.size(0) if self.cfg.kind == "ar" else 0), tgt.size(0)
 
-    def length_loss(self, enc, lengths, reduction="mean"):
+    def length_loss(self, enc, lengths):
         """Label-smoothed cross-entropy of the true target lengths (batch,) under the length classifier."""
-        return F.cross_entropy(self.length_logits(enc).float(), lengths, label_smoothing=self.cfg.label_smoothing,
-                               reduction=reduction)
+        return F.cross_entropy(self.length_logits(enc).float(), lengths, label_smoothing=self.cfg.label_smoothing)
 
     @torch.no_grad()
     def score(self, src, tgt):
