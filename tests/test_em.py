@@ -158,15 +158,16 @@ def test_the_loop_runs_in_the_papers_order(tmp_path):
     assert run.read_ids(str(out / "nar-raw" / "train.tgt")) == [t for _, t in run.train_ids]
     assert run.read_ids(str(out / "nar-kd" / "train.tgt")) == em_nat.distil(run, load("ar"))
     for i, (proposer, selector) in enumerate([("ar", "nar-kd"), ("em1-ar", "em1-nar")], start=1):
-        candidates, _ = nbest_ids(load(proposer), run.train_sources, 4, alpha=1.0, max_tokens=run.decode_tokens)
+        candidates, scores = nbest_ids(load(proposer), run.train_sources, 4, alpha=1.0, max_tokens=run.decode_tokens)
         assert run.read_ids(str(out / f"em{i}-ar" / "candidates.tgt")) == [c for cs in candidates for c in cs]
-        chosen, _ = em_nat.select_by_nar_likelihood(run, load(selector), run.train_sources, candidates)
+        q = [em_nat.quality_constrained_set(c, s, run.em.quality_margin) for c, s in zip(candidates, scores)]
+        chosen, _ = em_nat.select_by_nar_likelihood(run, load(selector), run.train_sources, q)
         assert run.read_ids(str(out / f"em{i}-ar" / "train.tgt")) == chosen
         assert run.read_ids(str(out / f"em{i}-nar" / "train.tgt")) == em_nat.distil(run, load(f"em{i}-ar"))
 
 
 def test_controls_share_the_first_stages_and_select_as_they_say(tmp_path):
-    cfg = tiny_config(tmp_path, ["--em-iterations", "1"])
+    cfg = tiny_config(tmp_path, ["--em-iterations", "1", "--quality-margin", "none"])   # Q = all 4 candidates
     by_stage = em_nat.main_seeds(cfg, [3], ["nar", "random", "ar-top1"])
     assert sorted(by_stage) == sorted((sel, st) for sel in ("nar", "random", "ar-top1") for st in STAGES[:5])
     for stage in ("ar", "nar-raw", "nar-kd"):                          # copied, not retrained
@@ -208,6 +209,6 @@ def test_target_modes_known_answers():
 def test_a_run_directory_refuses_other_settings(tmp_path):
     run_tiny(tmp_path / "r", extra=["--em-iterations", "0"])
     for changed in (["--seed", "2"], ["--alpha", "1.4"], ["--kd-beam", "3"], ["--length-beam", "3"],
-                    ["--quality-margin", "1"], ["--selection", "random"]):
+                    ["--quality-margin", "none"], ["--selection", "random"]):
         with pytest.raises(em_nat.CheckpointError, match="other settings"):  # a clear error, not a mixed run
             em_nat.main(tiny_config(tmp_path / "r", ["--em-iterations", "0", *changed]))
