@@ -116,6 +116,7 @@ def select_by_nar_likelihood(run, nar_model, sources, sets):
     candidate) pair by the full NAR log-likelihood log p(T|x) + sum_t log p(y_t|x,T) (no token masked,
     NOT length-normalised, output layer in float32) and keep each source's best candidate (ties: the
     first). sets: one list of candidates per source. Returns (selected targets, their NAR scores)."""
+    # >>> exercise 7: the E-step's selection
     flat = [(i, cand) for i, cands in enumerate(sets) for cand in cands
             if 0 < len(cand) <= nar_model.cfg.max_len]                # the NAR model cannot emit length 0
     scores = nar_scores(run, nar_model, [(sources[i], cand) for i, cand in flat])
@@ -125,6 +126,7 @@ def select_by_nar_likelihood(run, nar_model, sources, sets):
             best[i] = (score, cand)
     selected = [cand if cand is not None else sets[i][0] for i, (_, cand) in enumerate(best)]
     return selected, [score for score, _ in best]
+    # <<< exercise 7
 
 
 def select(run, nar_model, sets, iteration):
@@ -312,6 +314,7 @@ def em_loop(run):
     """The paper's algorithm. Each `run.stage` trains one model on the targets its function computes
     (or reads a finished stage back from its directory) and evaluates it; it returns a handle whose
     .model() loads the model when a later step needs it."""
+    # >>> exercise 8: the EM loop
     real = [t for _, t in run.train_ids]
     ar = run.stage("ar", "ar", "real data", lambda: real)                             # AR_0
     run.stage("nar-raw", "nar", "real data", lambda: real, rescorer=ar)                # the NAR baseline
@@ -325,6 +328,7 @@ def em_loop(run):
         nar = run.stage(f"em{i}-nar", "nar", f"{ar.name} beam outputs", lambda: distil(run, ar.model()),
                         init_from=prev_nar, rescorer=ar)
     return run.results
+    # <<< exercise 8
 
 
 class Stage:

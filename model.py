@@ -269,12 +269,14 @@ class Transformer(nn.Module):
         one row per sentence for several consecutive hypothesis rows each (beam search).
         Returns logits (rows, vocab) for the next token, never-emitted tokens at -inf; `cache` grows by
         one step."""
+        # >>> exercise 3: the cached AR decoding step
         pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)
         x = self.embed_scaled(token[:, None]) + pos                      # (batch, 1, d)
         enc_mask = attention_mask(enc_keep)
         for layer, layer_cache in zip(self.decoder, cache):
             x = layer(x, enc, enc_mask, cache=layer_cache)
         return self.output_logits(x, banned=True)[:, 0]
+        # <<< exercise 3
 
     @staticmethod
     def reorder_cache(cache, index):
@@ -297,7 +299,9 @@ class Transformer(nn.Module):
     # ----- NAR decoder ---------------------------------------------------------------------------
     def length_logits(self, enc):
         """(batch, src_len+1, d) -> (batch, max_len+1) logits over target lengths, from slot 0."""
+        # >>> exercise 1: the length classifier and its loss
         return self.length_head(enc[:, 0])
+        # <<< exercise 1
 
     def nar_logits(self, lengths, enc, enc_keep, max_tgt_len=None):
         """All target positions at once. lengths: (batch,) target lengths T -> (batch, t, vocab)."""
@@ -308,8 +312,10 @@ class Transformer(nn.Module):
         zero placeholder plus position embeddings, so the output cannot depend on the target."""
         t = int(lengths.max()) if max_tgt_len is None else max_tgt_len
         keep = padding_mask(lengths, t)                                   # (batch, t)
+        # >>> exercise 2: the NAR decoder's input
         pos = self.tgt_pos(torch.arange(t, device=lengths.device)) * math.sqrt(self.cfg.d_model)
         x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[..., None])  # (batch, t, d)
+        # <<< exercise 2
         enc_mask, self_mask = attention_mask(enc_keep), attention_mask(keep)
         for layer in self.decoder:
             x = layer(x, enc, enc_mask, self_mask=self_mask)
@@ -337,7 +343,9 @@ class Transformer(nn.Module):
 
     def length_loss(self, enc, lengths):
         """Label-smoothed cross-entropy of the true target lengths (batch,) under the length classifier."""
+        # >>> exercise 1: the length classifier and its loss
         return F.cross_entropy(self.length_logits(enc).float(), lengths, label_smoothing=self.cfg.label_smoothing)
+        # <<< exercise 1
 
     @torch.no_grad()
     def score(self, src, tgt):

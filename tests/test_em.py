@@ -33,6 +33,42 @@ def test_selection_keeps_the_candidate_with_the_highest_nar_score():
         assert abs(score - max(direct)) < 1e-4
 
 
+class TableNAR:
+    """A stand-in NAR model for the E-step: score(x, y) = w[x_0, y_1] + ... + w[x_0, y_T] + bonus[T], a
+    known number per (source, candidate); nothing of model.py is used (the selection is graded alone)."""
+
+    def __init__(self, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.w, self.bonus = torch.randn(12, 12, generator=g), torch.randn(11, generator=g)
+        self.cfg = types.SimpleNamespace(max_len=10)
+
+    def score(self, src, tgt):
+        real = tgt != 0                                                     # PAD = 0
+        tok = self.w[src[:, :1], tgt].masked_fill(~real, 0.0).sum(1)
+        return tok + self.bonus[real.sum(1)]
+
+    def direct(self, src, cand):
+        return float(sum(self.w[src[0], y] for y in cand) + self.bonus[len(cand)]) if cand else float("-inf")
+
+
+@pytest.mark.exercise(7)
+@pytest.mark.parametrize("seed", range(3))
+def test_selection_by_a_stand_in_nar_model(seed):
+    nar, rng = TableNAR(seed), random.Random(seed)
+    sources = [[rng.randint(4, 11) for _ in range(rng.randint(1, 6))] for _ in range(9)]
+    sets = [[[rng.randint(4, 11) for _ in range(rng.randint(1, 7))] for _ in range(rng.randint(1, 5))]
+            for _ in sources]
+    sets[0][-1] = []                                         # an empty AR output can never be chosen
+    sets[1] = [[]]                                           # ... unless it is all there is
+    sets[2] = [[5, 6], [5, 6], [7]]                          # a tie keeps the first
+    run = types.SimpleNamespace(decode_tokens=24, device="cpu")    # several batches
+    selected, scores = em_nat.select_by_nar_likelihood(run, nar, sources, sets)
+    for src, cands, chosen, score in zip(sources, sets, selected, scores):
+        direct = [nar.direct(src, c) for c in cands]
+        assert chosen == cands[max(range(len(cands)), key=direct.__getitem__)]
+        assert score == pytest.approx(max(direct), abs=1e-5) or (max(direct) == score == float("-inf"))
+
+
 def tiny_nar(seed=0, sharpness=4.0):
     torch.manual_seed(seed)
     nar = Transformer(ModelConfig(vocab_size=20, kind="nar", d_model=32, n_heads=4, d_ff=64, enc_layers=1,
@@ -146,6 +182,36 @@ def test_pipeline_artefacts_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(em_nat, "train_model", real_train_model)
     resumed = run_tiny(tmp_path / "resumed")
     assert quality_columns(resumed) == quality_columns(full)
+
+
+@pytest.mark.exercise(8)
+@pytest.mark.parametrize("iterations", [0, 2])
+def test_the_loop_with_stand_in_stages(monkeypatch, iterations):
+    # Which model proposes Q, which selects in it, what every model is trained on and starts from:
+    # recorded from stand-in stages, E-step and distillation (no training, nothing else graded).
+    calls = []
+
+    class Run:
+        em = types.SimpleNamespace(iterations=iterations, selection="nar")
+        train_ids = [([4], [5]), ([6], [7])]
+        results = "results"
+
+        def stage(self, name, kind, trained_on, make_targets, init_from=None, rescorer=None):
+            calls.append((name, kind, make_targets(), getattr(init_from, "name", None), getattr(rescorer, "name", None)))
+            return types.SimpleNamespace(name=name, model=lambda: f"{name} model")
+
+    monkeypatch.setattr(em_nat, "distil", lambda run, ar_model: f"outputs of {ar_model}")
+    monkeypatch.setattr(em_nat, "e_step", lambda run, stage, ar_model, nar_model, i:
+                        f"{stage}: Q of {ar_model}, chosen by {nar_model} (iteration {i})")
+    assert em_nat.em_loop(Run()) == "results"
+    expected = [("ar", "ar", [[5], [7]], None, None),
+                ("nar-raw", "nar", [[5], [7]], None, "ar"),
+                ("nar-kd", "nar", "outputs of ar model", None, "ar"),
+                ("em1-ar", "ar", "em1-ar: Q of ar model, chosen by nar-kd model (iteration 1)", "ar", None),
+                ("em1-nar", "nar", "outputs of em1-ar model", "nar-kd", "em1-ar"),
+                ("em2-ar", "ar", "em2-ar: Q of em1-ar model, chosen by em1-nar model (iteration 2)", "em1-ar", None),
+                ("em2-nar", "nar", "outputs of em2-ar model", "em1-nar", "em2-ar")]
+    assert calls == expected[:3 + 2 * iterations]
 
 
 def test_the_loop_runs_in_the_papers_order(tmp_path):
