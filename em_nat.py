@@ -63,6 +63,7 @@ class EMConfig:
     length_beam: int = 5          # NAR length candidates rescored by the AR model (NPD)
     init: str = "scratch"         # each iteration's models start from scratch or from the previous ones
     speed_sentences: int = 50     # test sentences timed at batch size 1 for the speed-up column
+    examples: int = 2             # test sentences printed as text after each stage (and one E-step source)
 
 
 @dataclass
@@ -149,6 +150,8 @@ def e_step(run, stage, ar_model, nar_model, iteration):
         device=run.device, progress=True))
     sets = [quality_constrained_set(c, s, run.em.quality_margin) for c, s in zip(candidates, ar_scores)]
     targets = select(run, nar_model, sets, iteration)
+    if run.em.examples:
+        print(format_e_step_example(run, nar_model, 0, candidates[0], ar_scores[0], sets[0], targets[0]))
     return targets, candidate_set_notes(run, sets, targets)
 
 
@@ -282,14 +285,16 @@ def time_per_sentence(fn, sources, device):
 
 
 def evaluate_ar(run, ar_model):
+    """AR beam search BLEU. Returns (result, {"beam": outputs})."""
     outs = translate_ids(ar_model, run.eval_sources, method="beam", beam=run.em.beam, alpha=run.em.alpha,
                          max_tokens=run.decode_tokens, device=run.device)
-    return {**quality(run, outs), "repeats": repeat_rate(outs)}
+    return {**quality(run, outs), "repeats": repeat_rate(outs)}, {"beam": outs}
 
 
 def evaluate_nar(run, nar_model, ar_model):
     """NAR BLEU with plain argmax, with ODD, and with ODD + AR rescoring of a length beam (NPD); and the
-    speed-up of NAR ODD over AR beam search at batch size 1, timed side by side."""
+    speed-up of NAR ODD over AR beam search at batch size 1, timed side by side.
+    Returns (result, {"argmax": ..., "ODD": ..., "NPD": ...} outputs)."""
     common = dict(method="nar", max_tokens=run.decode_tokens, device=run.device)
     argmax = translate_ids(nar_model, run.eval_sources, odd=False, **common)
     odd = translate_ids(nar_model, run.eval_sources, odd=True, **common)
@@ -304,7 +309,66 @@ def evaluate_nar(run, nar_model, ar_model):
               "speedup": ar_ms / nar_ms}
     result["argmax"] = quality(run, argmax)
     result["rescored"] = quality(run, rescored)
-    return result
+    return result, {"argmax": argmax, "ODD": odd, "NPD": rescored}
+
+
+# ------------------------------------------------------------------------------------------------
+# Printed examples: what the numbers mean, as text
+# ------------------------------------------------------------------------------------------------
+def marked_text(run, ids):
+    """An output as text with every token that repeats the one before it in [brackets]: the NAR model's
+    multi-modality symptom, made visible."""
+    shown = []
+    for i, word in enumerate(run.corpus.vocab.decode(ids)):
+        if i and ids[i] == ids[i - 1]:
+            word = f"[{word[:-2]}]@@" if word.endswith("@@") else f"[{word}]"     # BPE pieces still join
+        shown.append(word)
+    text = " ".join(shown)
+    return decode.remove_bpe(text) if run.corpus.is_bpe else text
+
+
+def validity(run, src_words, text):
+    """On the embedded task: whether `text` is one of the source's six valid translations."""
+    if run.corpus.toy is None:
+        return ""
+    return "   (valid)" if text in run.corpus.toy.valid_translations(src_words) else "   (invalid)"
+
+
+def format_examples(run, outputs, count):
+    """The first `count` sentences of the evaluation split: source, valid translations (embedded task)
+    or reference, and each decoder's output."""
+    pairs, lines = getattr(run.corpus, run.eval_split), []
+    for i in range(min(count, len(pairs))):
+        src, ref = pairs[i]
+        unbpe = (lambda w: decode.remove_bpe(" ".join(w))) if run.corpus.is_bpe else " ".join
+        lines.append(f"  source     {unbpe(src)}")
+        if run.corpus.toy is not None:
+            lines += [f"  {'valid' if j == 0 else '':<10} {t}" for j, t in enumerate(run.corpus.toy.valid_translations(src))]
+        else:
+            lines.append(f"  reference  {unbpe(ref)}")
+        for method, outs in outputs.items():
+            text = ids_to_text(outs[i], run.corpus.vocab, run.corpus.is_bpe)
+            shown = marked_text(run, outs[i]) if method == "argmax" else text
+            lines.append(f"  {method:<10} {shown}{validity(run, src, text)}")
+        lines.append("")
+    note = "  ([x] = a token repeating the one before it)\n" if "argmax" in outputs else ""
+    return f"examples ({run.eval_split} split):\n" + "\n".join(lines) + note
+
+
+def format_e_step_example(run, nar_model, index, candidates, ar_scores, q, selected):
+    """One training source's E-step: its AR N-best with AR scores (length-normalised), which are in Q,
+    the NAR model's score log p(y|x) of those in Q, validity (embedded task), and the selected one."""
+    src_words = run.corpus.train[index][0]
+    in_q = [c for c in q if 0 < len(c) <= run.max_len]
+    nar = dict(zip(map(tuple, in_q), nar_scores(run, nar_model, [(run.train_sources[index], c) for c in in_q])))
+    lines = [f"E-step example: training source {index}: {' '.join(src_words)}",
+             f"  {'AR score':>8} {'in Q':>4} {'NAR score':>9}  candidate"]
+    for cand, score in zip(candidates, ar_scores):
+        text = ids_to_text(cand, run.corpus.vocab, run.corpus.is_bpe)
+        nar_cell = f"{nar[tuple(cand)]:9.2f}" if tuple(cand) in nar else f"{'':>9}"
+        mark = "  <- selected" if cand == selected else ""
+        lines.append(f"  {score:8.3f} {'yes' if cand in q else '':>4} {nar_cell}  {text}{validity(run, src_words, text)}{mark}")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,7 +455,7 @@ class Run:
         return {"data": self.corpus.name, "preset": self.cfg.preset, "seed": self.cfg.seed,
                 "vocab_size": len(self.corpus.vocab), "train_pairs": len(self.corpus.train),
                 "max_len": self.max_len, "data_options": data, "train": train,
-                "em": {k: v for k, v in asdict(self.em).items() if k not in ("iterations", "speed_sentences")}}
+                "em": {k: v for k, v in asdict(self.em).items() if k not in ("iterations", "speed_sentences", "examples")}}
 
     def check_run_dir(self):
         """A run directory belongs to one data set and one set of settings: resuming it with others
@@ -429,7 +493,7 @@ class Run:
         print(f"[{name}] training {'an AR' if kind == 'ar' else 'a NAR'} model on {trained_on} ...")
         targets, notes = self.targets(name, make_targets)
         model, summary = self.train(name, self.new_model(kind, init_from), targets)
-        result = evaluate_ar(self, model) if kind == "ar" else evaluate_nar(self, model, rescorer.model())
+        result, outputs = evaluate_ar(self, model) if kind == "ar" else evaluate_nar(self, model, rescorer.model())
         result.update(stage=name, kind=kind, trained_on=trained_on, training=summary, split=self.eval_split,
                       targets_entropy=alignment_entropy(list(zip(self.train_sources, targets))),
                       targets_nll=targets_nll(self, model, targets) if kind == "nar" else None, **notes)
@@ -441,6 +505,8 @@ class Run:
             os.remove(resume)                                             # the stage is done
         self.results.append(result)
         print(format_table([result], self.corpus.toy is not None))
+        if self.em.examples:
+            print(format_examples(self, outputs, self.em.examples))
         return Stage(self, name, model)
 
     def new_model(self, kind, init_from=None):

@@ -295,6 +295,9 @@ def build_parser():
                         "candidate, or the AR model's own top-1")
     e.add_argument("--speed-sentences", type=int, default=50,
                    help="test sentences timed at batch size 1 for the speed-up column")
+    e.add_argument("--examples", type=int, default=2,
+                   help="test sentences printed as text after each stage, with one source's E-step "
+                        "candidates (0: none)")
     r = p.add_argument_group("run")
     r.add_argument("--out", help="run directory (default: runs/<data>-<preset>); re-running resumes it")
     r.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
@@ -401,7 +404,8 @@ def run_config(args):
         train=train_config(args, preset),
         em=EMConfig(iterations=args.em_iterations, candidates=args.candidates, quality_margin=args.quality_margin,
                     selection=args.selection, kd_beam=args.kd_beam, beam=args.beam, alpha=alpha,
-                    length_beam=args.length_beam, init=args.em_init, speed_sentences=args.speed_sentences))
+                    length_beam=args.length_beam, init=args.em_init, speed_sentences=args.speed_sentences,
+                    examples=args.examples))
 
 
 def main(argv=None):

@@ -278,3 +278,16 @@ def test_a_run_directory_refuses_other_settings(tmp_path):
                     ["--quality-margin", "none"], ["--selection", "random"]):
         with pytest.raises(em_nat.CheckpointError, match="other settings"):  # a clear error, not a mixed run
             em_nat.main(tiny_config(tmp_path / "r", ["--em-iterations", "0", *changed]))
+
+
+def test_printed_examples_mark_repeats_and_validity():
+    run = types.SimpleNamespace(corpus=em_nat.make_toy_corpus(seed=1, train_size=20))
+    vocab, toy = run.corpus.vocab, run.corpus.toy
+    src, valid = run.corpus.train[0]                          # a valid translation, words in the vocabulary
+    repeated = vocab.encode(valid[:1] + valid[:1] + valid[1:])
+    assert em_nat.marked_text(run, repeated) == " ".join(valid[:1] + [f"[{valid[0]}]"] + valid[1:])
+    assert em_nat.validity(run, src, " ".join(valid)) == "   (valid)"
+    assert em_nat.validity(run, src, " ".join(valid[:1] + valid)) == "   (invalid)"
+    bpe_run = types.SimpleNamespace(corpus=types.SimpleNamespace(vocab=em_nat.Vocab(["a@@", "b", "c"]), is_bpe=True))
+    ids = bpe_run.corpus.vocab.encode(["a@@", "b", "a@@", "a@@", "b", "c", "c"])
+    assert em_nat.marked_text(bpe_run, ids) == "ab a[a]b c [c]"
