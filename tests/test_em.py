@@ -288,6 +288,6 @@ def test_printed_examples_mark_repeats_and_validity():
     assert em_nat.marked_text(run, repeated) == " ".join(valid[:1] + [f"[{valid[0]}]"] + valid[1:])
     assert em_nat.validity(run, src, " ".join(valid)) == "   (valid)"
     assert em_nat.validity(run, src, " ".join(valid[:1] + valid)) == "   (invalid)"
-    bpe_run = types.SimpleNamespace(corpus=types.SimpleNamespace(vocab=em_nat.Vocab(["a@@", "b", "c"]), is_bpe=True))
+    bpe_run = types.SimpleNamespace(corpus=types.SimpleNamespace(vocab=em_nat.Vocab.build([["a@@", "b", "c"]]), is_bpe=True))
     ids = bpe_run.corpus.vocab.encode(["a@@", "b", "a@@", "a@@", "b", "c", "c"])
     assert em_nat.marked_text(bpe_run, ids) == "ab a[a]b c [c]"
