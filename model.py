@@ -8,19 +8,19 @@ One compact encoder-decoder Transformer with two kinds of decoder:
               the decoder sees only position embeddings over a placeholder (zero) input, and a length
               classifier on the encoder predicts T.
 
-Both share the paper's layout (official code, models/nat_modeling.py):
+Both follow the layout of the official code (models/nat_modeling.py):
 - one embedding matrix for source, target and output layer (joint vocabulary) plus an output bias;
 - learned position embeddings, scaled like the token embeddings;
 - the source is shifted right by one slot: slot 0 holds no token (a zero vector plus its position) and
   acts as a summary slot, from which the NAR model predicts the target length;
 - post-layer-norm blocks; the NAR decoder has one layer more than configured;
-- dropout on the embeddings and on every sub-layer's output before the residual sum only (no attention
-  or activation dropout, as fairseq's IWSLT14 setting; on a CPU those masks cost ~20% of a step);
 - loss = label-smoothed token cross-entropy averaged over target tokens (+ 0.1 x length loss for NAR).
-
-Documented choice: NAR targets carry no <EOS>. The official code puts <EOS> at the last decoder input
-slot and predicts it there, which teaches nothing the padding mask does not already say; here the
-length class T is simply the number of target tokens.
+Where they depart from it (README "Where em-nat departs from the official code"): dropout only on the
+embeddings and on each sub-layer's output (none on attention weights or the ReLU output); separate
+position tables for encoder and decoder; no LayerNorm on the embeddings; no source-language bias; and
+NAR targets carry no <EOS>: the official code puts <EOS> at the last decoder input slot and predicts it
+there, which teaches nothing the padding mask does not already say; here the length class T is simply
+the number of target tokens.
 
 Run `python -m pytest tests/test_model.py` to see the properties this file promises.
 """
