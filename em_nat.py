@@ -692,20 +692,40 @@ def main_seeds(cfg: RunConfig, seeds, selections):
     return by_stage
 
 
-def spread(values):
-    """'mean [min, max]' of a list of numbers."""
-    return f"{sum(values) / len(values):6.2f} [{min(values):6.2f}, {max(values):6.2f}]"
+def spread(values, digits=2):
+    """'mean [min, max]' of a list of numbers (blank when there are none)."""
+    if not values:
+        return ""
+    return f"{sum(values) / len(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+
+
+def nar_only(get):
+    """A column that applies to NAR stages only."""
+    return lambda r: get(r) if r["kind"] == "nar" else None
+
+
+SEED_COLUMNS_TOY = (
+    ("quality of the stage's model", [
+        ("BLEU", lambda r: r["bleu"], 2), ("valid% (ODD)", lambda r: r["valid_rate"], 1),
+        ("valid% argmax", nar_only(lambda r: r["argmax"]["valid_rate"]), 1),
+        ("valid% NPD", nar_only(lambda r: r["rescored"]["valid_rate"]), 1)]),
+    ("its training targets, and the E-step", [
+        ("H(mode)", lambda r: r["mode_entropy"], 3), ("invalid%", lambda r: r["invalid"], 1),
+        ("|Q|", lambda r: r.get("q_size"), 1), ("=top1%", lambda r: r.get("q_top1"), 1)]))
+SEED_COLUMNS_REAL = (
+    ("quality of the stage's model", [
+        ("BLEU", lambda r: r["bleu"], 2), ("argmax", nar_only(lambda r: r["argmax"]["bleu"]), 2),
+        ("+resc", nar_only(lambda r: r["rescored"]["bleu"]), 2), ("NLL", lambda r: r["targets_nll"], 3)]),)
 
 
 def format_seed_summary(by_stage, toy, seeds):
-    """Mean [min, max] over the seeds of each stage's headline figures, stages in run order."""
-    columns = ([("BLEU", lambda r: r["bleu"]), ("valid%", lambda r: r["valid_rate"]),
-                ("H(mode)", lambda r: r["mode_entropy"]), ("invalid%", lambda r: r["invalid"])] if toy else
-               [("BLEU", lambda r: r["bleu"]), ("+resc", lambda r: r["rescored"]["bleu"] if r["kind"] == "nar"
-                                                else r["bleu"]), ("NLL", lambda r: r["targets_nll"] or 0.0)])
-    header = f"{'selection':<9} {'stage':<8} " + " ".join(f"{name:>24}" for name, _ in columns)
-    lines = [f"over seeds {', '.join(map(str, seeds))}: mean [min, max] (test split)", header, "-" * len(header)]
-    for (selection, stage), results in by_stage.items():
-        lines.append(f"{selection:<9} {stage:<8} " + " ".join(f"{spread([get(r) for r in results]):>24}"
-                                                              for _, get in columns))
+    """Mean [min, max] over the seeds of each stage's headline figures, stages in run order: one table
+    for the models' quality and (embedded task) one for their training targets and the E-step's Q."""
+    lines = [f"over seeds {', '.join(map(str, seeds))}: mean [min, max] (test split)"]
+    for title, columns in (SEED_COLUMNS_TOY if toy else SEED_COLUMNS_REAL):
+        header = f"{'selection':<9} {'stage':<8} " + " ".join(f"{name:>21}" for name, _, _ in columns)
+        lines += ["", title, header, "-" * len(header)]
+        for (selection, stage), results in by_stage.items():
+            cells = [spread([v for v in map(get, results) if v is not None], digits) for _, get, digits in columns]
+            lines.append((f"{selection:<9} {stage:<8} " + " ".join(f"{c:>21}" for c in cells)).rstrip())
     return "\n".join(lines)
