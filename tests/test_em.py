@@ -39,7 +39,9 @@ class TableNAR:
 
     def __init__(self, seed):
         g = torch.Generator().manual_seed(seed)
-        self.w, self.bonus = torch.randn(12, 12, generator=g), torch.randn(11, generator=g)
+        # multiples of 1/8: sums are exact in any order, so equal scores are really equal
+        self.w = torch.randint(-32, 32, (12, 12), generator=g) / 8
+        self.bonus = torch.randint(-32, 32, (11,), generator=g) / 8
         self.cfg = types.SimpleNamespace(max_len=10)
 
     def score(self, src, tgt):
@@ -60,7 +62,7 @@ def test_selection_by_a_stand_in_nar_model(seed):
             for _ in sources]
     sets[0][-1] = []                                         # an empty AR output can never be chosen
     sets[1] = [[]]                                           # ... unless it is all there is
-    sets[2] = [[5, 6], [5, 6], [7]]                          # a tie keeps the first
+    sets[2] = [[5, 6, 7], [7, 6, 5]]                         # equal scores (a permutation): the first
     run = types.SimpleNamespace(decode_tokens=24, device="cpu")    # several batches
     selected, scores = em_nat.select_by_nar_likelihood(run, nar, sources, sets)
     for src, cands, chosen, score in zip(sources, sets, selected, scores):
