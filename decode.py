@@ -387,6 +387,15 @@ def bleu(hypotheses, references, tokenized=True):
     return result.score, str(metric.get_signature())
 
 
+SENTENCE_BLEU = sacrebleu.BLEU(tokenize="none", effective_order=True, force=True)
+
+
+def sentence_bleu(hypothesis, reference):
+    """Tokenised BLEU of one sentence against one reference (effective n-gram order, so a short
+    sentence is not zero by construction)."""
+    return SENTENCE_BLEU.sentence_score(hypothesis, [reference]).score
+
+
 def ids_to_text(ids, vocab, is_bpe):
     text = " ".join(vocab.decode(ids))
     return remove_bpe(text) if is_bpe else text

@@ -660,6 +660,56 @@ def main(cfg: RunConfig):
     return results
 
 
+MARGINS = (None, 3.0, 2.0, 1.0, 0.5)
+
+
+def margin_study(cfg: RunConfig, margins=MARGINS):
+    """How the quality margin shapes the first E-step, measured on a finished run (its saved AR_0
+    N-best in em1-ar/ and NAR_0 in nar-kd/), without training anything: for each margin, Q's mean size,
+    the share of selections that are the AR top-1, and the selected targets' quality: on the embedded
+    task exactly (invalid share, mode entropy, Q valid%), on real data their sentence BLEU against the
+    real reference (the paper's "quality" of a target). Prints a table and returns its rows."""
+    run = Run(cfg)
+    if not os.path.isfile(os.path.join(run.stage_dir("em1-ar"), "candidates.scores")):
+        raise CheckpointError(f"{run.stage_dir('em1-ar')}: no saved N-best; run the pipeline into {cfg.out} first")
+    candidates, ar_scores = run.saved_nbest("em1-ar", compute=None)
+    nar_model = Stage(run, "nar-kd").model()
+    scorable = [(i, j) for i, cands in enumerate(candidates) for j, c in enumerate(cands) if 0 < len(c) <= run.max_len]
+    flat = nar_scores(run, nar_model, [(run.train_sources[i], candidates[i][j]) for i, j in scorable])
+    nar = [[float("-inf")] * len(cands) for cands in candidates]
+    for (i, j), score in zip(scorable, flat):
+        nar[i][j] = score
+    refs = [ids_to_text(t, run.corpus.vocab, run.corpus.is_bpe) for _, t in run.train_ids]
+    rows = []
+    for margin in margins:
+        keep = [[j for j in range(len(s)) if margin is None or s[j] >= s[0] - margin] for s in ar_scores]
+        chosen = [max(js, key=lambda j: nar[i][j]) for i, js in enumerate(keep)]   # ties: the first
+        targets = [candidates[i][j] for i, j in enumerate(chosen)]
+        sets = [[candidates[i][j] for j in js] for i, js in enumerate(keep)]
+        row = {"margin": margin, **candidate_set_notes(run, sets, targets)}
+        if run.corpus.toy is not None:
+            row.update(target_modes(run, targets))
+        else:
+            hyps = [ids_to_text(t, run.corpus.vocab, run.corpus.is_bpe) for t in targets]
+            row["sentence_bleu"] = sum(decode.sentence_bleu(h, r) for h, r in zip(hyps, refs)) / max(len(refs), 1)
+        rows.append(row)
+    print(format_margin_table(rows, toy=run.corpus.toy is not None))
+    return rows
+
+
+def format_margin_table(rows, toy):
+    columns = ([("|Q|", "q_size", 1), ("Q valid%", "q_valid", 1), ("sel. invalid%", "invalid", 1),
+                ("H(mode)", "mode_entropy", 3), ("=top1%", "q_top1", 1)] if toy else
+               [("|Q|", "q_size", 1), ("=top1%", "q_top1", 1), ("sent-BLEU vs ref", "sentence_bleu", 2)])
+    header = f"{'margin':>6} " + " ".join(f"{name:>{max(len(name), 6)}}" for name, _, _ in columns)
+    lines = ["the first E-step (Q from AR_0's N-best, selected by NAR_0) for each quality margin", header,
+             "-" * len(header)]
+    for r in rows:
+        lines.append(f"{str(r['margin'] if r['margin'] is not None else 'none'):>6} " +
+                     " ".join(f"{r[key]:>{max(len(name), 6)}.{d}f}" for name, key, d in columns))
+    return "\n".join(lines)
+
+
 def copy_shared_stages(source_dir, target_dir, stages=("ar", "nar-raw", "nar-kd")):
     """A control run differs from the paper's run only in its EM stages: start it with copies of the
     finished stages before them."""

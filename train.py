@@ -306,6 +306,9 @@ def build_parser():
                    help="run the pipeline once per seed (in OUT/seed<N>) and print each stage's mean, min and max")
     r.add_argument("--controls", action="store_true",
                    help="with --seeds: also run the E-step controls (random and AR top-1 selection) on every seed")
+    r.add_argument("--margin-study", action="store_true",
+                   help="read a finished run (--out and its options) and print how each quality margin "
+                        "shapes its first E-step (Q's size, the selections, their quality), then exit")
     r.add_argument("--benchmark", action="store_true",
                    help="measure AR/NAR training throughput and N-best beam search speed on a real corpus "
                         "(--data-dir, default ../shared/data/iwslt14.de-en), then exit")
@@ -418,7 +421,9 @@ def main(argv=None):
     from model import CheckpointError
     cfg = run_config(args)
     try:
-        if args.seeds:
+        if args.margin_study:
+            em_nat.margin_study(cfg)
+        elif args.seeds:
             selections = ["nar", "random", "ar-top1"] if args.controls else [cfg.em.selection]
             em_nat.main_seeds(cfg, args.seeds, selections)
         else:
