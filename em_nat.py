@@ -158,12 +158,12 @@ def e_step(run, stage, ar_model, nar_model, iteration):
 # ------------------------------------------------------------------------------------------------
 # Multi-modality of a stage's training targets
 # ------------------------------------------------------------------------------------------------
-def target_modes(run, targets):
+def target_modes(run, targets, split="train"):
     """Embedded task only (its valid translations are known): which of the six valid translations each
-    training target is. Returns the share of each mode (%), the mode entropy in bits (uniform: 2.58;
+    target for the sources of `split` is. Returns the share of each mode (%), the mode entropy in bits (uniform: 2.58;
     one mode everywhere: 0) and the share of invalid targets (%)."""
     toy, words = run.corpus.toy, run.corpus.vocab.decode
-    modes = [toy.mode(src, words(t)) for (src, _), t in zip(run.corpus.train, targets)]
+    modes = [toy.mode(src, words(t)) for (src, _), t in zip(getattr(run.corpus, split), targets)]
     counts = Counter(m for m in modes if m is not None)
     valid = sum(counts.values())
     shares = [counts[m] / max(valid, 1) for m in range(6)]
@@ -172,7 +172,7 @@ def target_modes(run, targets):
             "invalid": 100.0 * (len(modes) - valid) / max(len(modes), 1)}
 
 
-def candidate_set_notes(run, sets, targets):
+def candidate_set_notes(run, sets, targets, split="train"):
     """What Q holds and what the E-step took from it: Q's mean size, the share of selections that are the
     AR model's own top-1 (the E-step moved nothing there) and, on the embedded task, the share of valid
     translations among Q's candidates and of sources with at least one valid candidate."""
@@ -180,7 +180,7 @@ def candidate_set_notes(run, sets, targets):
              "q_top1": 100.0 * sum(t == cands[0] for t, cands in zip(targets, sets)) / max(len(sets), 1)}
     if run.corpus.toy is not None:
         toy, words = run.corpus.toy, run.corpus.vocab.decode
-        valid = [[toy.mode(src, words(c)) is not None for c in cands] for (src, _), cands in zip(run.corpus.train, sets)]
+        valid = [[toy.mode(src, words(c)) is not None for c in cands] for (src, _), cands in zip(getattr(run.corpus, split), sets)]
         notes["q_valid"] = 100.0 * sum(map(sum, valid)) / max(sum(map(len, valid)), 1)
         notes["q_sources_with_valid"] = 100.0 * sum(any(v) for v in valid) / max(len(valid), 1)
     return notes
@@ -664,48 +664,62 @@ MARGINS = (None, 3.0, 2.0, 1.0, 0.5)
 
 
 def margin_study(cfg: RunConfig, margins=MARGINS):
-    """How the quality margin shapes the first E-step, measured on a finished run (its saved AR_0
-    N-best in em1-ar/ and NAR_0 in nar-kd/), without training anything: for each margin, Q's mean size,
-    the share of selections that are the AR top-1, and the selected targets' quality: on the embedded
-    task exactly (invalid share, mode entropy, Q valid%), on real data their sentence BLEU against the
-    real reference (the paper's "quality" of a target). Prints a table and returns its rows."""
+    """How the quality margin shapes the first E-step, measured on a finished run (AR_0 in ar/, its saved
+    N-best of the training sources in em1-ar/, NAR_0 in nar-kd/), training nothing: for each margin,
+    Q's mean size, the share of selections that are the AR top-1, and the selected targets' quality: on
+    the embedded task exactly (invalid share, mode entropy, Q valid%), on real data their sentence BLEU
+    against the real reference. The same for held-out sources (the evaluation split), which NAR_0 never
+    trained on: where NAR_0 re-picks the AR top-1 far more often on its own training sources, it
+    remembers its training targets rather than judging the candidates. Prints a table; returns its rows."""
     run = Run(cfg)
     if not os.path.isfile(os.path.join(run.stage_dir("em1-ar"), "candidates.scores")):
         raise CheckpointError(f"{run.stage_dir('em1-ar')}: no saved N-best; run the pipeline into {cfg.out} first")
-    candidates, ar_scores = run.saved_nbest("em1-ar", compute=None)
-    nar_model = Stage(run, "nar-kd").model()
-    scorable = [(i, j) for i, cands in enumerate(candidates) for j, c in enumerate(cands) if 0 < len(c) <= run.max_len]
-    flat = nar_scores(run, nar_model, [(run.train_sources[i], candidates[i][j]) for i, j in scorable])
-    nar = [[float("-inf")] * len(cands) for cands in candidates]
-    for (i, j), score in zip(scorable, flat):
-        nar[i][j] = score
-    refs = [ids_to_text(t, run.corpus.vocab, run.corpus.is_bpe) for _, t in run.train_ids]
-    rows = []
-    for margin in margins:
-        keep = [[j for j in range(len(s)) if margin is None or s[j] >= s[0] - margin] for s in ar_scores]
-        chosen = [max(js, key=lambda j: nar[i][j]) for i, js in enumerate(keep)]   # ties: the first
-        targets = [candidates[i][j] for i, j in enumerate(chosen)]
-        sets = [[candidates[i][j] for j in js] for i, js in enumerate(keep)]
-        row = {"margin": margin, **candidate_set_notes(run, sets, targets)}
-        if run.corpus.toy is not None:
-            row.update(target_modes(run, targets))
+    nar_model, rows = Stage(run, "nar-kd").model(), []
+    for split in ("train", run.eval_split):
+        if split == "train":
+            sources, (candidates, ar_scores) = run.train_sources, run.saved_nbest("em1-ar", compute=None)
         else:
-            hyps = [ids_to_text(t, run.corpus.vocab, run.corpus.is_bpe) for t in targets]
-            row["sentence_bleu"] = sum(decode.sentence_bleu(h, r) for h, r in zip(hyps, refs)) / max(len(refs), 1)
-        rows.append(row)
+            sources = run.eval_sources
+            candidates, ar_scores = nbest_ids(Stage(run, "ar").model(), sources, run.em.candidates, alpha=run.em.alpha,
+                                              max_tokens=run.decode_tokens, device=run.device, progress=True)
+        nar = candidate_nar_scores(run, nar_model, sources, candidates)
+        refs = [ids_to_text(t, run.corpus.vocab, run.corpus.is_bpe) for _, t in run.corpus.ids(split)]
+        for margin in margins:
+            keep = [[j for j in range(len(s)) if margin is None or s[j] >= s[0] - margin] for s in ar_scores]
+            chosen = [max(js, key=lambda j: nar[i][j]) for i, js in enumerate(keep)]   # ties: the first
+            targets = [candidates[i][j] for i, j in enumerate(chosen)]
+            sets = [[candidates[i][j] for j in js] for i, js in enumerate(keep)]
+            row = {"sources": split, "margin": margin, **candidate_set_notes(run, sets, targets, split)}
+            if run.corpus.toy is not None:
+                row.update(target_modes(run, targets, split))
+            else:
+                hyps = [ids_to_text(t, run.corpus.vocab, run.corpus.is_bpe) for t in targets]
+                row["sentence_bleu"] = sum(map(decode.sentence_bleu, hyps, refs)) / max(len(refs), 1)
+            rows.append(row)
     print(format_margin_table(rows, toy=run.corpus.toy is not None))
     return rows
+
+
+def candidate_nar_scores(run, nar_model, sources, candidates):
+    """log p_NAR(y|x) of every candidate, as one list per source (-inf where it cannot be scored)."""
+    scorable = [(i, j) for i, cands in enumerate(candidates) for j, c in enumerate(cands) if 0 < len(c) <= run.max_len]
+    flat = nar_scores(run, nar_model, [(sources[i], candidates[i][j]) for i, j in scorable])
+    scores = [[float("-inf")] * len(cands) for cands in candidates]
+    for (i, j), score in zip(scorable, flat):
+        scores[i][j] = score
+    return scores
 
 
 def format_margin_table(rows, toy):
     columns = ([("|Q|", "q_size", 1), ("Q valid%", "q_valid", 1), ("sel. invalid%", "invalid", 1),
                 ("H(mode)", "mode_entropy", 3), ("=top1%", "q_top1", 1)] if toy else
                [("|Q|", "q_size", 1), ("=top1%", "q_top1", 1), ("sent-BLEU vs ref", "sentence_bleu", 2)])
-    header = f"{'margin':>6} " + " ".join(f"{name:>{max(len(name), 6)}}" for name, _, _ in columns)
-    lines = ["the first E-step (Q from AR_0's N-best, selected by NAR_0) for each quality margin", header,
+    header = f"{'sources':<8} {'margin':>6} " + " ".join(f"{name:>{max(len(name), 6)}}" for name, _, _ in columns)
+    lines = ["the first E-step (Q from AR_0's N-best, selected by NAR_0) for each quality margin, on the "
+             "training sources and on held-out ones", header,
              "-" * len(header)]
     for r in rows:
-        lines.append(f"{str(r['margin'] if r['margin'] is not None else 'none'):>6} " +
+        lines.append(f"{r['sources']:<8} {str(r['margin'] if r['margin'] is not None else 'none'):>6} " +
                      " ".join(f"{r[key]:>{max(len(name), 6)}.{d}f}" for name, key, d in columns))
     return "\n".join(lines)
 

@@ -235,10 +235,11 @@ def test_the_loop_runs_in_the_papers_order(tmp_path):
     # The margin study re-selects the first E-step for other margins: at the run's own margin it must
     # find what the run did; with margin 0, Q is the AR top-1 alone.
     saved = json.loads((out / "em1-ar" / "result.json").read_text())
-    same, top1_only = em_nat.margin_study(tiny_config(out), margins=(run.em.quality_margin, 0.0))
+    same, top1_only, *held_out = em_nat.margin_study(tiny_config(out), margins=(run.em.quality_margin, 0.0))
     for key in ("q_size", "q_top1", "q_valid", "q_sources_with_valid", "invalid", "mode_entropy"):
         assert same[key] == pytest.approx(saved[key]), key
     assert top1_only["q_size"] == 1.0 and top1_only["q_top1"] == 100.0
+    assert [r["sources"] for r in held_out] == ["test", "test"] and held_out[1]["q_top1"] == 100.0
 
 
 def test_controls_share_the_first_stages_and_select_as_they_say(tmp_path):
