@@ -142,6 +142,7 @@ def learn_bpe(word_counts, num_merges):
     """The `num_merges` most frequent adjacent symbol pairs, merged greedily one after another.
     Incremental: a pair's count is updated only in the words that contain it, and a lazy max-heap
     finds the most frequent pair, so 10k merges over IWSLT-sized text take minutes, not hours."""
+    # >>> exercise 9: learning BPE merges
     words = [tuple(w[:-1]) + (w[-1] + END,) for w in word_counts]
     freqs = list(word_counts.values())
     pair_count, pair_words = Counter(), defaultdict(set)
@@ -177,6 +178,7 @@ def learn_bpe(word_counts, num_merges):
             if pair_count[p] > 0:
                 heapq.heappush(heap, (-pair_count[p], p))
     return merges
+    # <<< exercise 9
 
 
 class BPE:

@@ -131,6 +131,7 @@ def beam_step(state, logits, step, beam, alpha):
     finished set, ranked by their length-normalised score; the beam best that do not end stay live.
     So a finished hypothesis never takes a live slot, and never competes on its raw log-probability.
     Returns the new state and the rows (n * beam,) the live hypotheses came from."""
+    # >>> exercise 6: beam search with a finished set
     n, k, steps = state.scores.size(0), beam, state.fin_tokens.size(2)
     log_norm = logits.logsumexp(dim=1, keepdim=True)                      # (n * beam, 1) softmax normaliser
     if step >= state.shortest_limit:                                       # a host int: no sync
@@ -154,6 +155,7 @@ def beam_step(state, logits, step, beam, alpha):
     done = scores[:, 0] / state.bound <= fin_scores[:, -1]
     scores = scores.masked_fill(done[:, None], NEG_INF)
     return replace(state, tokens=tokens, scores=scores, fin_tokens=fin_tokens, fin_scores=fin_scores), rows
+    # <<< exercise 6
 
 
 @torch.no_grad()
@@ -207,6 +209,7 @@ def odd_viterbi(logp, lengths, k=3):
     tokens, so one of its top three is always allowed and at least as good as any token outside them.
     logp: (batch, t, vocab); lengths: (batch,). Returns tokens (batch, t) PAD after the length, and
     scores (batch,)."""
+    # >>> exercise 4: ODD Viterbi
     n, t, _ = logp.shape
     top_val, top_tok = logp.topk(min(k, logp.size(-1)), dim=-1)           # (batch, t, k)
     real = torch.arange(t, device=logp.device)[None, :] < lengths[:, None]  # (batch, t)
@@ -227,6 +230,7 @@ def odd_viterbi(logp, lengths, k=3):
     path = torch.stack(path[::-1], dim=1)                                  # (batch, t)
     tokens = top_tok.gather(2, path[..., None]).squeeze(-1)
     return tokens.masked_fill(~real, PAD), score
+    # <<< exercise 4
 
 
 def argmax_decode(logp, lengths):
@@ -240,8 +244,19 @@ def length_window(center, beam, max_len):
     """The B = `beam` length candidates around the predicted lengths `center` (batch,), as the official
     code builds them: B consecutive lengths from max(L - floor(B/2), 1), shifted down where they would
     pass max_len, so there are always B distinct lengths (for B <= max_len). -> (batch, beam)."""
+    # >>> exercise 5: the length window and NPD rescoring
     start = (center - beam // 2).clamp(min=1).clamp(max=max(max_len - beam + 1, 1))
     return (start[:, None] + torch.arange(beam, device=center.device)).clamp(max=max_len)
+    # <<< exercise 5
+
+
+def npd_scores(rescorer, src, tokens, lengths, alpha):
+    """NPD (noisy parallel decoding): the AR model's score of each NAR candidate, log p_AR(y <eos> | x)
+    over the length penalty of |y| + 1 (as beam search ranks finished outputs), in float32.
+    src: (rows, src_len), one row per candidate; tokens: (rows, t) PAD-padded; lengths: (rows,)."""
+    # >>> exercise 5: the length window and NPD rescoring
+    return rescorer.score(src, tokens) / length_penalty(lengths + 1, alpha)
+    # <<< exercise 5
 
 
 @torch.no_grad()
@@ -262,8 +277,7 @@ def nar_decode(model, src, length_beam=1, odd=True, rescorer=None, alpha=1.0, le
     logp = model.decoding_log_probs(model.nar_logits(flat_len, enc, keep))   # (batch*beam, t, vocab)
     tokens, token_score = (odd_viterbi if odd else argmax_decode)(logp, flat_len)
     if rescorer is not None and beam > 1:
-        src_rows = src.repeat_interleave(beam, 0)
-        score = rescorer.score(src_rows, tokens) / length_penalty(flat_len + 1, alpha)
+        score = npd_scores(rescorer, src.repeat_interleave(beam, 0), tokens, flat_len, alpha)
     else:
         score = len_logp.gather(1, cand_len).view(-1) + token_score
     best = score.view(b, beam).argmax(1)                                   # (batch,)
@@ -371,6 +385,15 @@ def bleu(hypotheses, references, tokenized=True):
         result = metric.corpus_score([detokenize(h) for h in hypotheses],
                                      [[detokenize(r) for r in refs] for refs in references])
     return result.score, str(metric.get_signature())
+
+
+SENTENCE_BLEU = sacrebleu.BLEU(tokenize="none", effective_order=True, force=True)
+
+
+def sentence_bleu(hypothesis, reference):
+    """Tokenised BLEU of one sentence against one reference (effective n-gram order, so a short
+    sentence is not zero by construction)."""
+    return SENTENCE_BLEU.sentence_score(hypothesis, [reference]).score
 
 
 def ids_to_text(ids, vocab, is_bpe):

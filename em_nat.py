@@ -65,6 +65,7 @@ class EMConfig:
     length_beam: int = 5          # NAR length candidates rescored by the AR model (NPD)
     init: str = "scratch"         # each iteration's models start from scratch or from the previous ones
     speed_sentences: int = 50     # test sentences timed at batch size 1 for the speed-up column
+    examples: int = 2             # test sentences printed as text after each stage (and one E-step source)
 
 
 @dataclass
@@ -127,6 +128,7 @@ def select_by_nar_likelihood(run, nar_model, sources, sets):
     candidate) pair by the full NAR log-likelihood log p(T|x) + sum_t log p(y_t|x,T) (no token masked,
     NOT length-normalised, output layer in float32) and keep each source's best candidate (ties: the
     first). sets: one list of candidates per source. Returns (selected targets, their NAR scores)."""
+    # >>> exercise 7: the E-step's selection
     flat = [(i, cand) for i, cands in enumerate(sets) for cand in cands
             if 0 < len(cand) <= nar_model.cfg.max_len]                # the NAR model cannot emit length 0
     scores = gather(nar_scores(run, nar_model, shard([(sources[i], cand) for i, cand in flat])))
@@ -136,6 +138,7 @@ def select_by_nar_likelihood(run, nar_model, sources, sets):
             best[i] = (score, cand)
     selected = [cand if cand is not None else sets[i][0] for i, (_, cand) in enumerate(best)]
     return selected, [score for score, _ in best]
+    # <<< exercise 7
 
 
 def select(run, nar_model, sets, iteration):
@@ -158,18 +161,20 @@ def e_step(run, stage, ar_model, nar_model, iteration):
         device=run.device, progress=is_main())])
     sets = [quality_constrained_set(c, s, run.em.quality_margin) for c, s in zip(candidates, ar_scores)]
     targets = select(run, nar_model, sets, iteration)
+    if run.em.examples:
+        print(format_e_step_example(run, nar_model, 0, candidates[0], ar_scores[0], sets[0], targets[0]))
     return targets, candidate_set_notes(run, sets, targets)
 
 
 # ------------------------------------------------------------------------------------------------
 # Multi-modality of a stage's training targets
 # ------------------------------------------------------------------------------------------------
-def target_modes(run, targets):
+def target_modes(run, targets, split="train"):
     """Embedded task only (its valid translations are known): which of the six valid translations each
-    training target is. Returns the share of each mode (%), the mode entropy in bits (uniform: 2.58;
+    target for the sources of `split` is. Returns the share of each mode (%), the mode entropy in bits (uniform: 2.58;
     one mode everywhere: 0) and the share of invalid targets (%)."""
     toy, words = run.corpus.toy, run.corpus.vocab.decode
-    modes = [toy.mode(src, words(t)) for (src, _), t in zip(run.corpus.train, targets)]
+    modes = [toy.mode(src, words(t)) for (src, _), t in zip(getattr(run.corpus, split), targets)]
     counts = Counter(m for m in modes if m is not None)
     valid = sum(counts.values())
     shares = [counts[m] / max(valid, 1) for m in range(6)]
@@ -178,7 +183,7 @@ def target_modes(run, targets):
             "invalid": 100.0 * (len(modes) - valid) / max(len(modes), 1)}
 
 
-def candidate_set_notes(run, sets, targets):
+def candidate_set_notes(run, sets, targets, split="train"):
     """What Q holds and what the E-step took from it: Q's mean size, the share of selections that are the
     AR model's own top-1 (the E-step moved nothing there) and, on the embedded task, the share of valid
     translations among Q's candidates and of sources with at least one valid candidate."""
@@ -186,7 +191,7 @@ def candidate_set_notes(run, sets, targets):
              "q_top1": 100.0 * sum(t == cands[0] for t, cands in zip(targets, sets)) / max(len(sets), 1)}
     if run.corpus.toy is not None:
         toy, words = run.corpus.toy, run.corpus.vocab.decode
-        valid = [[toy.mode(src, words(c)) is not None for c in cands] for (src, _), cands in zip(run.corpus.train, sets)]
+        valid = [[toy.mode(src, words(c)) is not None for c in cands] for (src, _), cands in zip(getattr(run.corpus, split), sets)]
         notes["q_valid"] = 100.0 * sum(map(sum, valid)) / max(sum(map(len, valid)), 1)
         notes["q_sources_with_valid"] = 100.0 * sum(any(v) for v in valid) / max(len(valid), 1)
     return notes
@@ -291,14 +296,16 @@ def time_per_sentence(fn, sources, device):
 
 
 def evaluate_ar(run, ar_model):
+    """AR beam search BLEU. Returns (result, {"beam": outputs})."""
     outs = translate_ids(ar_model, run.eval_sources, method="beam", beam=run.em.beam, alpha=run.em.alpha,
                          max_tokens=run.decode_tokens, device=run.device)
-    return {**quality(run, outs), "repeats": repeat_rate(outs)}
+    return {**quality(run, outs), "repeats": repeat_rate(outs)}, {"beam": outs}
 
 
 def evaluate_nar(run, nar_model, ar_model):
     """NAR BLEU with plain argmax, with ODD, and with ODD + AR rescoring of a length beam (NPD); and the
-    speed-up of NAR ODD over AR beam search at batch size 1, timed side by side."""
+    speed-up of NAR ODD over AR beam search at batch size 1, timed side by side.
+    Returns (result, {"argmax": ..., "ODD": ..., "NPD": ...} outputs)."""
     common = dict(method="nar", max_tokens=run.decode_tokens, device=run.device)
     argmax = translate_ids(nar_model, run.eval_sources, odd=False, **common)
     odd = translate_ids(nar_model, run.eval_sources, odd=True, **common)
@@ -313,7 +320,66 @@ def evaluate_nar(run, nar_model, ar_model):
               "speedup": ar_ms / nar_ms}
     result["argmax"] = quality(run, argmax)
     result["rescored"] = quality(run, rescored)
-    return result
+    return result, {"argmax": argmax, "ODD": odd, "NPD": rescored}
+
+
+# ------------------------------------------------------------------------------------------------
+# Printed examples: what the numbers mean, as text
+# ------------------------------------------------------------------------------------------------
+def marked_text(run, ids):
+    """An output as text with every token that repeats the one before it in [brackets]: the NAR model's
+    multi-modality symptom, made visible."""
+    shown = []
+    for i, word in enumerate(run.corpus.vocab.decode(ids)):
+        if i and ids[i] == ids[i - 1]:
+            word = f"[{word[:-2]}]@@" if word.endswith("@@") else f"[{word}]"     # BPE pieces still join
+        shown.append(word)
+    text = " ".join(shown)
+    return decode.remove_bpe(text) if run.corpus.is_bpe else text
+
+
+def validity(run, src_words, text):
+    """On the embedded task: whether `text` is one of the source's six valid translations."""
+    if run.corpus.toy is None:
+        return ""
+    return "   (valid)" if text in run.corpus.toy.valid_translations(src_words) else "   (invalid)"
+
+
+def format_examples(run, outputs, count):
+    """The first `count` sentences of the evaluation split: source, valid translations (embedded task)
+    or reference, and each decoder's output."""
+    pairs, lines = getattr(run.corpus, run.eval_split), []
+    for i in range(min(count, len(pairs))):
+        src, ref = pairs[i]
+        unbpe = (lambda w: decode.remove_bpe(" ".join(w))) if run.corpus.is_bpe else " ".join
+        lines.append(f"  source     {unbpe(src)}")
+        if run.corpus.toy is not None:
+            lines += [f"  {'valid' if j == 0 else '':<10} {t}" for j, t in enumerate(run.corpus.toy.valid_translations(src))]
+        else:
+            lines.append(f"  reference  {unbpe(ref)}")
+        for method, outs in outputs.items():
+            text = ids_to_text(outs[i], run.corpus.vocab, run.corpus.is_bpe)
+            shown = marked_text(run, outs[i]) if method == "argmax" else text
+            lines.append(f"  {method:<10} {shown}{validity(run, src, text)}")
+        lines.append("")
+    note = "  ([x] = a token repeating the one before it)\n" if "argmax" in outputs else ""
+    return f"examples ({run.eval_split} split):\n" + "\n".join(lines) + note
+
+
+def format_e_step_example(run, nar_model, index, candidates, ar_scores, q, selected):
+    """One training source's E-step: its AR N-best with AR scores (length-normalised), which are in Q,
+    the NAR model's score log p(y|x) of those in Q, validity (embedded task), and the selected one."""
+    src_words = run.corpus.train[index][0]
+    in_q = [c for c in q if 0 < len(c) <= run.max_len]
+    nar = dict(zip(map(tuple, in_q), nar_scores(run, nar_model, [(run.train_sources[index], c) for c in in_q])))
+    lines = [f"E-step example: training source {index}: {' '.join(src_words)}",
+             f"  {'AR score':>8} {'in Q':>4} {'NAR score':>9}  candidate"]
+    for cand, score in zip(candidates, ar_scores):
+        text = ids_to_text(cand, run.corpus.vocab, run.corpus.is_bpe)
+        nar_cell = f"{nar[tuple(cand)]:9.2f}" if tuple(cand) in nar else f"{'':>9}"
+        mark = "  <- selected" if cand == selected else ""
+        lines.append(f"  {score:8.3f} {'yes' if cand in q else '':>4} {nar_cell}  {text}{validity(run, src_words, text)}{mark}")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -323,6 +389,7 @@ def em_loop(run):
     """The paper's algorithm. Each `run.stage` trains one model on the targets its function computes
     (or reads a finished stage back from its directory) and evaluates it; it returns a handle whose
     .model() loads the model when a later step needs it."""
+    # >>> exercise 8: the EM loop
     real = [t for _, t in run.train_ids]
     ar = run.stage("ar", "ar", "real data", lambda: real)                             # AR_0
     run.stage("nar-raw", "nar", "real data", lambda: real, rescorer=ar)                # the NAR baseline
@@ -337,6 +404,7 @@ def em_loop(run):
         nar = run.stage(f"em{i}-nar", "nar", f"{ar.name} beam outputs", lambda: distil(run, ar.model()),
                         init_from=prev_nar, rescorer=ar)
     return run.results
+    # <<< exercise 8
 
 
 class Stage:
@@ -361,7 +429,7 @@ def config_settings(data: DataConfig, train: TrainConfig, em: EMConfig, world):
     train_settings = {k: v for k, v in asdict(train).items() if k not in ("device", "update_freq")}
     train_settings["batches_per_update"] = train.update_freq * world
     return {"data_options": data, "train": train_settings,
-            "em": {k: v for k, v in asdict(em).items() if k not in ("iterations", "speed_sentences")}}
+            "em": {k: v for k, v in asdict(em).items() if k not in ("iterations", "speed_sentences", "examples")}}
 
 
 def setting_changes(saved, current, defaults):
@@ -474,22 +542,25 @@ class Run:
         model, summary = self.train(name, self.new_model(kind, init_from), targets)
         result = None
         if is_main():
-            result = self.evaluate(model, kind, targets, rescorer)
+            result, outputs = self.evaluate(model, kind, targets, rescorer)
             result.update(stage=name, kind=kind, trained_on=trained_on, training=summary, **notes)
             write_text_atomic(path, json.dumps(result, indent=2))
             remove_loop_files(self.stage_dir(name))                       # the stage is done
             print(format_table([result], self.corpus.toy is not None))
+            if self.em.examples:
+                print(format_examples(self, outputs, self.em.examples))
         self.results.append(from_main(result))
         return Stage(self, name, model)
 
     def evaluate(self, model, kind, targets, rescorer):
-        """A stage's results: its model on the test split, and the multi-modality of its targets."""
-        result = evaluate_ar(self, model) if kind == "ar" else evaluate_nar(self, model, rescorer.model())
+        """A stage's results (its model on the test split, and the multi-modality of its targets), and
+        its outputs."""
+        result, outputs = evaluate_ar(self, model) if kind == "ar" else evaluate_nar(self, model, rescorer.model())
         result.update(split=self.eval_split, targets_entropy=alignment_entropy(list(zip(self.train_sources, targets))),
                       targets_nll=targets_nll(self, model, targets) if kind == "nar" else None)
         if self.corpus.toy is not None:
             result.update(target_modes(self, targets))
-        return result
+        return result, outputs
 
     def new_model(self, kind, init_from=None):
         """A fresh model. The seed is set right here, from the stage's place in the loop, because
@@ -665,6 +736,70 @@ def main(cfg: RunConfig):
     return results
 
 
+MARGINS = (None, 3.0, 2.0, 1.0, 0.5)
+
+
+def margin_study(cfg: RunConfig, margins=MARGINS):
+    """How the quality margin shapes the first E-step, measured on a finished run (AR_0 in ar/, its saved
+    N-best of the training sources in em1-ar/, NAR_0 in nar-kd/), training nothing: for each margin,
+    Q's mean size, the share of selections that are the AR top-1, and the selected targets' quality: on
+    the embedded task exactly (invalid share, mode entropy, Q valid%), on real data their sentence BLEU
+    against the real reference. The same for held-out sources (the evaluation split), which NAR_0 never
+    trained on: where NAR_0 re-picks the AR top-1 far more often on its own training sources, it
+    remembers its training targets rather than judging the candidates. Prints a table; returns its rows."""
+    run = Run(cfg)
+    if not os.path.isfile(os.path.join(run.stage_dir("em1-ar"), "candidates.scores")):
+        raise CheckpointError(f"{run.stage_dir('em1-ar')}: no saved N-best; run the pipeline into {cfg.out} first")
+    nar_model, rows = Stage(run, "nar-kd").model(), []
+    for split in ("train", run.eval_split):
+        if split == "train":
+            sources, (candidates, ar_scores) = run.train_sources, run.saved_nbest("em1-ar", compute=None)
+        else:
+            sources = run.eval_sources
+            candidates, ar_scores = nbest_ids(Stage(run, "ar").model(), sources, run.em.candidates, alpha=run.em.alpha,
+                                              max_tokens=run.decode_tokens, device=run.device, progress=True)
+        nar = candidate_nar_scores(run, nar_model, sources, candidates)
+        refs = [ids_to_text(t, run.corpus.vocab, run.corpus.is_bpe) for _, t in run.corpus.ids(split)]
+        for margin in margins:
+            keep = [[j for j in range(len(s)) if margin is None or s[j] >= s[0] - margin] for s in ar_scores]
+            chosen = [max(js, key=lambda j: nar[i][j]) for i, js in enumerate(keep)]   # ties: the first
+            targets = [candidates[i][j] for i, j in enumerate(chosen)]
+            sets = [[candidates[i][j] for j in js] for i, js in enumerate(keep)]
+            row = {"sources": split, "margin": margin, **candidate_set_notes(run, sets, targets, split)}
+            if run.corpus.toy is not None:
+                row.update(target_modes(run, targets, split))
+            else:
+                hyps = [ids_to_text(t, run.corpus.vocab, run.corpus.is_bpe) for t in targets]
+                row["sentence_bleu"] = sum(map(decode.sentence_bleu, hyps, refs)) / max(len(refs), 1)
+            rows.append(row)
+    print(format_margin_table(rows, toy=run.corpus.toy is not None))
+    return rows
+
+
+def candidate_nar_scores(run, nar_model, sources, candidates):
+    """log p_NAR(y|x) of every candidate, as one list per source (-inf where it cannot be scored)."""
+    scorable = [(i, j) for i, cands in enumerate(candidates) for j, c in enumerate(cands) if 0 < len(c) <= run.max_len]
+    flat = nar_scores(run, nar_model, [(sources[i], candidates[i][j]) for i, j in scorable])
+    scores = [[float("-inf")] * len(cands) for cands in candidates]
+    for (i, j), score in zip(scorable, flat):
+        scores[i][j] = score
+    return scores
+
+
+def format_margin_table(rows, toy):
+    columns = ([("|Q|", "q_size", 1), ("Q valid%", "q_valid", 1), ("sel. invalid%", "invalid", 1),
+                ("H(mode)", "mode_entropy", 3), ("=top1%", "q_top1", 1)] if toy else
+               [("|Q|", "q_size", 1), ("=top1%", "q_top1", 1), ("sent-BLEU vs ref", "sentence_bleu", 2)])
+    header = f"{'sources':<8} {'margin':>6} " + " ".join(f"{name:>{max(len(name), 6)}}" for name, _, _ in columns)
+    lines = ["the first E-step (Q from AR_0's N-best, selected by NAR_0) for each quality margin, on the "
+             "training sources and on held-out ones", header,
+             "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['sources']:<8} {str(r['margin'] if r['margin'] is not None else 'none'):>6} " +
+                     " ".join(f"{r[key]:>{max(len(name), 6)}.{d}f}" for name, key, d in columns))
+    return "\n".join(lines)
+
+
 def copy_shared_stages(source_dir, target_dir, stages=("ar", "nar-raw", "nar-kd")):
     """A control run differs from the paper's run only in its EM stages: start it with copies of the
     finished stages before them."""
@@ -699,20 +834,40 @@ def main_seeds(cfg: RunConfig, seeds, selections):
     return by_stage
 
 
-def spread(values):
-    """'mean [min, max]' of a list of numbers."""
-    return f"{sum(values) / len(values):6.2f} [{min(values):6.2f}, {max(values):6.2f}]"
+def spread(values, digits=2):
+    """'mean [min, max]' of a list of numbers (blank when there are none)."""
+    if not values:
+        return ""
+    return f"{sum(values) / len(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+
+
+def nar_only(get):
+    """A column that applies to NAR stages only."""
+    return lambda r: get(r) if r["kind"] == "nar" else None
+
+
+SEED_COLUMNS_TOY = (
+    ("quality of the stage's model", [
+        ("BLEU", lambda r: r["bleu"], 2), ("valid% (ODD)", lambda r: r["valid_rate"], 1),
+        ("valid% argmax", nar_only(lambda r: r["argmax"]["valid_rate"]), 1),
+        ("valid% NPD", nar_only(lambda r: r["rescored"]["valid_rate"]), 1)]),
+    ("its training targets, and the E-step", [
+        ("H(mode)", lambda r: r["mode_entropy"], 3), ("invalid%", lambda r: r["invalid"], 1),
+        ("|Q|", lambda r: r.get("q_size"), 1), ("=top1%", lambda r: r.get("q_top1"), 1)]))
+SEED_COLUMNS_REAL = (
+    ("quality of the stage's model", [
+        ("BLEU", lambda r: r["bleu"], 2), ("argmax", nar_only(lambda r: r["argmax"]["bleu"]), 2),
+        ("+resc", nar_only(lambda r: r["rescored"]["bleu"]), 2), ("NLL", lambda r: r["targets_nll"], 3)]),)
 
 
 def format_seed_summary(by_stage, toy, seeds):
-    """Mean [min, max] over the seeds of each stage's headline figures, stages in run order."""
-    columns = ([("BLEU", lambda r: r["bleu"]), ("valid%", lambda r: r["valid_rate"]),
-                ("H(mode)", lambda r: r["mode_entropy"]), ("invalid%", lambda r: r["invalid"])] if toy else
-               [("BLEU", lambda r: r["bleu"]), ("+resc", lambda r: r["rescored"]["bleu"] if r["kind"] == "nar"
-                                                else r["bleu"]), ("NLL", lambda r: r["targets_nll"] or 0.0)])
-    header = f"{'selection':<9} {'stage':<8} " + " ".join(f"{name:>24}" for name, _ in columns)
-    lines = [f"over seeds {', '.join(map(str, seeds))}: mean [min, max] (test split)", header, "-" * len(header)]
-    for (selection, stage), results in by_stage.items():
-        lines.append(f"{selection:<9} {stage:<8} " + " ".join(f"{spread([get(r) for r in results]):>24}"
-                                                              for _, get in columns))
+    """Mean [min, max] over the seeds of each stage's headline figures, stages in run order: one table
+    for the models' quality and (embedded task) one for their training targets and the E-step's Q."""
+    lines = [f"over seeds {', '.join(map(str, seeds))}: mean [min, max] (test split)"]
+    for title, columns in (SEED_COLUMNS_TOY if toy else SEED_COLUMNS_REAL):
+        header = f"{'selection':<9} {'stage':<8} " + " ".join(f"{name:>21}" for name, _, _ in columns)
+        lines += ["", title, header, "-" * len(header)]
+        for (selection, stage), results in by_stage.items():
+            cells = [spread([v for v in map(get, results) if v is not None], digits) for _, get, digits in columns]
+            lines.append((f"{selection:<9} {stage:<8} " + " ".join(f"{c:>21}" for c in cells)).rstrip())
     return "\n".join(lines)

@@ -8,19 +8,19 @@ One compact encoder-decoder Transformer with two kinds of decoder:
               the decoder sees only position embeddings over a placeholder (zero) input, and a length
               classifier on the encoder predicts T.
 
-Both share the paper's layout (official code, models/nat_modeling.py):
+Both follow the layout of the official code (models/nat_modeling.py):
 - one embedding matrix for source, target and output layer (joint vocabulary) plus an output bias;
 - learned position embeddings, scaled like the token embeddings;
 - the source is shifted right by one slot: slot 0 holds no token (a zero vector plus its position) and
   acts as a summary slot, from which the NAR model predicts the target length;
 - post-layer-norm blocks; the NAR decoder has one layer more than configured;
-- dropout on the embeddings and on every sub-layer's output before the residual sum only (no attention
-  or activation dropout, as fairseq's IWSLT14 setting; on a CPU those masks cost ~20% of a step);
 - loss = label-smoothed token cross-entropy averaged over target tokens (+ 0.1 x length loss for NAR).
-
-Documented choice: NAR targets carry no <EOS>. The official code puts <EOS> at the last decoder input
-slot and predicts it there, which teaches nothing the padding mask does not already say; here the
-length class T is simply the number of target tokens.
+Where they depart from it (README "Where em-nat departs from the official code"): dropout only on the
+embeddings and on each sub-layer's output (none on attention weights or the ReLU output); separate
+position tables for encoder and decoder; no LayerNorm on the embeddings; no source-language bias; and
+NAR targets carry no <EOS>: the official code puts <EOS> at the last decoder input slot and predicts it
+there, which teaches nothing the padding mask does not already say; here the length class T is simply
+the number of target tokens.
 
 Run `python -m pytest tests/test_model.py` to see the properties this file promises.
 """
@@ -269,12 +269,14 @@ class Transformer(nn.Module):
         one row per sentence for several consecutive hypothesis rows each (beam search).
         Returns logits (rows, vocab) for the next token, never-emitted tokens at -inf; `cache` grows by
         one step."""
+        # >>> exercise 3: the cached AR decoding step
         pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)
         x = self.embed_scaled(token[:, None]) + pos                      # (batch, 1, d)
         enc_mask = attention_mask(enc_keep)
         for layer, layer_cache in zip(self.decoder, cache):
             x = layer(x, enc, enc_mask, cache=layer_cache)
         return self.output_logits(x, banned=True)[:, 0]
+        # <<< exercise 3
 
     @staticmethod
     def reorder_cache(cache, index):
@@ -297,7 +299,9 @@ class Transformer(nn.Module):
     # ----- NAR decoder ---------------------------------------------------------------------------
     def length_logits(self, enc):
         """(batch, src_len+1, d) -> (batch, max_len+1) logits over target lengths, from slot 0."""
+        # >>> exercise 1: the length classifier and its loss
         return self.length_head(enc[:, 0])
+        # <<< exercise 1
 
     def nar_logits(self, lengths, enc, enc_keep, max_tgt_len=None):
         """All target positions at once. lengths: (batch,) target lengths T -> (batch, t, vocab)."""
@@ -308,8 +312,10 @@ class Transformer(nn.Module):
         zero placeholder plus position embeddings, so the output cannot depend on the target."""
         t = int(lengths.max()) if max_tgt_len is None else max_tgt_len
         keep = padding_mask(lengths, t)                                   # (batch, t)
+        # >>> exercise 2: the NAR decoder's input
         pos = self.tgt_pos(torch.arange(t, device=lengths.device)) * math.sqrt(self.cfg.d_model)
         x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[..., None])  # (batch, t, d)
+        # <<< exercise 2
         enc_mask, self_mask = attention_mask(enc_keep), attention_mask(keep)
         for layer in self.decoder:
             x = layer(x, enc, enc_mask, self_mask=self_mask)
@@ -349,7 +355,9 @@ class Transformer(nn.Module):
 
     def length_loss(self, enc, lengths):
         """Label-smoothed cross-entropy of the true target lengths (batch,) under the length classifier."""
+        # >>> exercise 1: the length classifier and its loss
         return F.cross_entropy(self.length_logits(enc).float(), lengths, label_smoothing=self.cfg.label_smoothing)
+        # <<< exercise 1
 
     @torch.no_grad()
     def score(self, src, tgt):

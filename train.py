@@ -487,6 +487,9 @@ def build_parser():
                         "candidate, or the AR model's own top-1")
     e.add_argument("--speed-sentences", type=int, default=50,
                    help="test sentences timed at batch size 1 for the speed-up column")
+    e.add_argument("--examples", type=int, default=2,
+                   help="test sentences printed as text after each stage, with one source's E-step "
+                        "candidates (0: none)")
     r = p.add_argument_group("run")
     r.add_argument("--out", help="run directory (default: runs/<data>-<preset>); re-running resumes it")
     r.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
@@ -495,6 +498,9 @@ def build_parser():
                    help="run the pipeline once per seed (in OUT/seed<N>) and print each stage's mean, min and max")
     r.add_argument("--controls", action="store_true",
                    help="with --seeds: also run the E-step controls (random and AR top-1 selection) on every seed")
+    r.add_argument("--margin-study", action="store_true",
+                   help="read a finished run (--out and its options) and print how each quality margin "
+                        "shapes its first E-step (Q's size, the selections, their quality), then exit")
     r.add_argument("--benchmark", action="store_true",
                    help="measure AR/NAR training throughput and N-best beam search speed on a real corpus "
                         "(--data-dir, default ../shared/data/iwslt14.de-en), then exit")
@@ -615,7 +621,8 @@ def run_config(args):
         train=train_config(args, preset),
         em=EMConfig(iterations=args.em_iterations, candidates=args.candidates, quality_margin=args.quality_margin,
                     selection=args.selection, kd_beam=args.kd_beam, beam=args.beam, alpha=alpha,
-                    length_beam=args.length_beam, init=args.em_init, speed_sentences=args.speed_sentences))
+                    length_beam=args.length_beam, init=args.em_init, speed_sentences=args.speed_sentences,
+                    examples=args.examples))
 
 
 def main(argv=None):
@@ -635,7 +642,9 @@ def main(argv=None):
     except ValueError as err:
         parser.error(str(err))
     try:
-        if args.seeds:
+        if args.margin_study:
+            em_nat.margin_study(cfg)
+        elif args.seeds:
             selections = ["nar", "random", "ar-top1"] if args.controls else [cfg.em.selection]
             em_nat.main_seeds(cfg, args.seeds, selections)
         else:

@@ -33,6 +33,7 @@ def test_shuffled_batches_differ_between_epochs_but_are_reproducible():
     assert a != make_batches(lengths, 128, random.Random(2))
 
 
+@pytest.mark.exercise(9)
 def test_bpe_learns_the_classic_merges():
     # Sennrich et al. (2016), Fig. 1: low x5, lower x2, newest x6, widest x3. The end marker is glued
     # to a word's last character, so: e s (9), es t</w> (9), l o (7), then three pairs of "newest"
@@ -41,6 +42,7 @@ def test_bpe_learns_the_classic_merges():
     assert learn_bpe(counts, 4) == [("e", "s"), ("es", "t</w>"), ("l", "o"), ("e", "w")]
 
 
+@pytest.mark.exercise(9)
 def test_bpe_encoding_then_removal_restores_the_text():
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 9))) for _ in range(300)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from decode import (BeamState, beam_step, ar_beam_search, ar_greedy, detokenize, length_penalty, length_window,
-                    nar_decode, odd_viterbi,
+                    nar_decode, npd_scores, odd_viterbi,
                     nbest_ids, translate_ids, translate_lines, build_parser)
 from data import Vocab
 from model import BOS, EOS, PAD, UNK, ModelConfig, Transformer, SPECIALS
@@ -25,6 +25,7 @@ def tiny(kind, vocab_size=20, seed=0, **kw):
     return model
 
 
+@pytest.mark.exercise(4)
 @pytest.mark.parametrize("seed", range(20))
 def test_odd_viterbi_equals_brute_force(seed):
     g = torch.Generator().manual_seed(seed)
@@ -43,6 +44,7 @@ def test_odd_viterbi_equals_brute_force(seed):
         assert abs(float(scores[row]) - expected) < 1e-4
 
 
+@pytest.mark.exercise(4)
 def test_odd_removes_a_repeat_that_argmax_makes():
     logp = torch.full((1, 3, 7), -10.0)
     logp[0, 0, 4] = -0.1                                       # position 0: 4
@@ -73,14 +75,19 @@ def sequence_log_prob(model, src_row, seq):
 
 
 def reference_beam_search(model, src_row, beam, alpha, max_len):
+    return plain_beam_search(lambda prefixes: decoding_log_probs(model, src_row, prefixes), beam, alpha, max_len)
+
+
+def plain_beam_search(next_log_probs, beam, alpha, max_len):
     """A slow, plain beam search with a finished set, for one sentence: lists of (tokens, score).
+    next_log_probs(prefixes) -> (len(prefixes), vocab) log-probabilities of the next token.
     Each step: the 2*beam best extensions of the live hypotheses; those ending in <eos> join the
     finished list (ranked by score / length penalty); the beam best others stay live. At max_len
     tokens only <eos> may follow. Stop when no live hypothesis can beat the beam-th finished one."""
     penalty = lambda n: ((5.0 + n) / 6.0) ** alpha
     live, finished = [([], 0.0)], []
     for step in range(max_len + 1):
-        logp = decoding_log_probs(model, src_row, [seq for seq, _ in live])
+        logp = next_log_probs([seq for seq, _ in live])
         extensions = []
         for (seq, score), row in zip(live, logp.tolist()):
             for token, lp in enumerate(row):
@@ -124,6 +131,72 @@ def test_small_beam_in_a_large_output_space_equals_the_reference():
         assert scores[row].tolist() == pytest.approx([score for _, score in expected], abs=1e-5)
 
 
+class BigramLM:
+    """A stand-in AR model for beam search: the next token's logits depend only on the sentence (the
+    first source token picks a table) and the last token, with no cache. Every sequence's probability
+    is known exactly, and nothing of model.py is used (so beam_step is graded on its own)."""
+
+    def __init__(self, table):
+        self.table = table                                   # (sentences, vocab, vocab) logits
+
+    def encode(self, src):
+        return src[:, :1, None].float(), src[:, :1] != PAD   # "encoder states": the table's index
+
+    def new_cache(self):
+        return []
+
+    def ar_step(self, token, step, enc, enc_keep, cache):
+        sentence = enc[:, 0, 0].long().repeat_interleave(token.size(0) // enc.size(0))
+        return self.table[sentence, token]                   # (rows, vocab)
+
+    def reorder_cache(self, cache, index):
+        pass
+
+    def shrink_cache(self, cache, hypotheses, sentences):
+        pass
+
+    def next_log_probs(self, sentence, prefixes):
+        last = torch.tensor([p[-1] if p else BOS for p in prefixes])
+        return self.table[sentence, last].log_softmax(-1)
+
+
+def bigram_lm(sentences, vocab_size, seed):
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(sentences, vocab_size, vocab_size, generator=g) * 2
+    table[:, :, [PAD, BOS, UNK]] = float("-inf")             # never emitted
+    return BigramLM(table)
+
+
+@pytest.mark.exercise(6)
+@pytest.mark.parametrize("beam, alpha", [(1, 1.0), (2, 0.0), (3, 1.4), (5, 0.6)])
+def test_beam_search_on_a_bigram_model_equals_the_reference(beam, alpha):
+    lm = bigram_lm(3, vocab_size=8, seed=beam)
+    src, max_len = torch.tensor([[0, 5], [1, 4], [2, PAD]]), torch.tensor([5, 2, 4])
+    tokens, scores = ar_beam_search(lm, src, beam=beam, alpha=alpha, nbest=beam, max_len=max_len)
+    for row in range(3):
+        expected = plain_beam_search(lambda p: lm.next_log_probs(row, p), beam, alpha, int(max_len[row]))
+        assert [[t for t in seq if t != PAD] for seq in tokens[row].tolist()] == [seq for seq, _ in expected]
+        assert scores[row].tolist() == pytest.approx([score for _, score in expected], abs=1e-5)
+
+
+@pytest.mark.exercise(6)
+def test_a_wide_beam_on_a_bigram_model_returns_the_brute_force_nbest():
+    # 3 real tokens, at most 3 of them: 40 outputs, all of which fit in a beam of 64, so the 10-best
+    # list must be the exact 10 best outputs by length-normalised log-probability.
+    lm = bigram_lm(2, vocab_size=7, seed=9)
+    tokens, scores = ar_beam_search(lm, torch.tensor([[0], [1]]), beam=64, alpha=1.0, nbest=10,
+                                    max_len=torch.tensor([3, 3]))
+    outputs = [list(seq) for n in range(4) for seq in itertools.product([4, 5, 6], repeat=n)]
+    for row in range(2):
+        def normalised(seq):
+            logp = lm.next_log_probs(row, [seq[:i] for i in range(len(seq) + 1)])
+            return float(logp.gather(1, torch.tensor(seq + [EOS])[:, None]).sum()) / ((5 + len(seq) + 1) / 6)
+        best = sorted(outputs, key=normalised, reverse=True)[:10]
+        assert [[t for t in seq if t != PAD] for seq in tokens[row].tolist()] == best
+        assert scores[row].tolist() == pytest.approx([normalised(s) for s in best], abs=1e-5)
+
+
+@pytest.mark.exercise(6)
 @pytest.mark.parametrize("worst_finished, done", [(-2.5, False), (-0.2, True)])
 def test_stop_rule_is_exact(worst_finished, done):
     # Known answer for the stop rule. Live raw scores -3 and -4 at step 2; every next token (4, 5 or
@@ -214,8 +287,24 @@ def test_nbest_is_sorted_distinct_and_scored_right():
     (16, 9, [8, 9, 10, 11, 12, 13, 14, 15, 16]),
     (16, 1, [16]),
 ])
+@pytest.mark.exercise(5)
 def test_length_window_known_answers(center, beam, expected):
     assert length_window(torch.tensor([center]), beam, 16).tolist() == [expected]
+
+
+@pytest.mark.exercise(5)
+def test_npd_scores_known_answer():
+    # NPD ranks a NAR candidate y by log p_AR(y <eos> | x) / ((5 + |y| + 1) / 6)^alpha: the penalty
+    # counts <eos>, as beam search does for finished outputs. A stand-in AR model gives -3 and -6.
+    class Rescorer:
+        def score(self, src, tokens):
+            return torch.tensor([-3.0, -6.0])
+
+    tokens = torch.tensor([[4, 5, PAD, PAD], [4, 5, 6, 7]])
+    got = npd_scores(Rescorer(), torch.ones(2, 3, dtype=torch.long), tokens, torch.tensor([2, 4]), 1.0)
+    assert got.tolist() == pytest.approx([-3.0 / (8 / 6), -6.0 / (10 / 6)])
+    got = npd_scores(Rescorer(), torch.ones(2, 3, dtype=torch.long), tokens, torch.tensor([2, 4]), 0.0)
+    assert got.tolist() == pytest.approx([-3.0, -6.0])
 
 
 def test_nar_decodes_the_window_at_both_edges():

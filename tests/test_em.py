@@ -33,6 +33,44 @@ def test_selection_keeps_the_candidate_with_the_highest_nar_score():
         assert abs(score - max(direct)) < 1e-4
 
 
+class TableNAR:
+    """A stand-in NAR model for the E-step: score(x, y) = w[x_0, y_1] + ... + w[x_0, y_T] + bonus[T], a
+    known number per (source, candidate); nothing of model.py is used (the selection is graded alone)."""
+
+    def __init__(self, seed):
+        g = torch.Generator().manual_seed(seed)
+        # multiples of 1/8: sums are exact in any order, so equal scores are really equal
+        self.w = torch.randint(-32, 32, (12, 12), generator=g) / 8
+        self.bonus = torch.randint(-32, 32, (11,), generator=g) / 8
+        self.cfg = types.SimpleNamespace(max_len=10)
+
+    def score(self, src, tgt):
+        real = tgt != 0                                                     # PAD = 0
+        tok = self.w[src[:, :1], tgt].masked_fill(~real, 0.0).sum(1)
+        return tok + self.bonus[real.sum(1)]
+
+    def direct(self, src, cand):
+        return float(sum(self.w[src[0], y] for y in cand) + self.bonus[len(cand)]) if cand else float("-inf")
+
+
+@pytest.mark.exercise(7)
+@pytest.mark.parametrize("seed", range(3))
+def test_selection_by_a_stand_in_nar_model(seed):
+    nar, rng = TableNAR(seed), random.Random(seed)
+    sources = [[rng.randint(4, 11) for _ in range(rng.randint(1, 6))] for _ in range(9)]
+    sets = [[[rng.randint(4, 11) for _ in range(rng.randint(1, 7))] for _ in range(rng.randint(1, 5))]
+            for _ in sources]
+    sets[0][-1] = []                                         # an empty AR output can never be chosen
+    sets[1] = [[]]                                           # ... unless it is all there is
+    sets[2] = [[5, 6, 7], [7, 6, 5]]                         # equal scores (a permutation): the first
+    run = types.SimpleNamespace(decode_tokens=24, device="cpu")    # several batches
+    selected, scores = em_nat.select_by_nar_likelihood(run, nar, sources, sets)
+    for src, cands, chosen, score in zip(sources, sets, selected, scores):
+        direct = [nar.direct(src, c) for c in cands]
+        assert chosen == cands[max(range(len(cands)), key=direct.__getitem__)]
+        assert score == pytest.approx(max(direct), abs=1e-5) or (max(direct) == score == float("-inf"))
+
+
 def tiny_nar(seed=0, sharpness=4.0):
     torch.manual_seed(seed)
     nar = Transformer(ModelConfig(vocab_size=20, kind="nar", d_model=32, n_heads=4, d_ff=64, enc_layers=1,
@@ -148,6 +186,36 @@ def test_pipeline_artefacts_and_resume(tmp_path, monkeypatch):
     assert quality_columns(resumed) == quality_columns(full)
 
 
+@pytest.mark.exercise(8)
+@pytest.mark.parametrize("iterations", [0, 2])
+def test_the_loop_with_stand_in_stages(monkeypatch, iterations):
+    # Which model proposes Q, which selects in it, what every model is trained on and starts from:
+    # recorded from stand-in stages, E-step and distillation (no training, nothing else graded).
+    calls = []
+
+    class Run:
+        em = types.SimpleNamespace(iterations=iterations, selection="nar")
+        train_ids = [([4], [5]), ([6], [7])]
+        results = "results"
+
+        def stage(self, name, kind, trained_on, make_targets, init_from=None, rescorer=None):
+            calls.append((name, kind, make_targets(), getattr(init_from, "name", None), getattr(rescorer, "name", None)))
+            return types.SimpleNamespace(name=name, model=lambda: f"{name} model")
+
+    monkeypatch.setattr(em_nat, "distil", lambda run, ar_model: f"outputs of {ar_model}")
+    monkeypatch.setattr(em_nat, "e_step", lambda run, stage, ar_model, nar_model, i:
+                        f"{stage}: Q of {ar_model}, chosen by {nar_model} (iteration {i})")
+    assert em_nat.em_loop(Run()) == "results"
+    expected = [("ar", "ar", [[5], [7]], None, None),
+                ("nar-raw", "nar", [[5], [7]], None, "ar"),
+                ("nar-kd", "nar", "outputs of ar model", None, "ar"),
+                ("em1-ar", "ar", "em1-ar: Q of ar model, chosen by nar-kd model (iteration 1)", "ar", None),
+                ("em1-nar", "nar", "outputs of em1-ar model", "nar-kd", "em1-ar"),
+                ("em2-ar", "ar", "em2-ar: Q of em1-ar model, chosen by em1-nar model (iteration 2)", "em1-ar", None),
+                ("em2-nar", "nar", "outputs of em2-ar model", "em1-nar", "em2-ar")]
+    assert calls == expected[:3 + 2 * iterations]
+
+
 def test_the_loop_runs_in_the_papers_order(tmp_path):
     # Which model proposes Q, which selects within it, which model's outputs each NAR model learns:
     # recomputed from the saved models and compared with the saved targets.
@@ -158,15 +226,24 @@ def test_the_loop_runs_in_the_papers_order(tmp_path):
     assert run.read_ids(str(out / "nar-raw" / "train.tgt")) == [t for _, t in run.train_ids]
     assert run.read_ids(str(out / "nar-kd" / "train.tgt")) == em_nat.distil(run, load("ar"))
     for i, (proposer, selector) in enumerate([("ar", "nar-kd"), ("em1-ar", "em1-nar")], start=1):
-        candidates, _ = nbest_ids(load(proposer), run.train_sources, 4, alpha=1.0, max_tokens=run.decode_tokens)
+        candidates, scores = nbest_ids(load(proposer), run.train_sources, 4, alpha=1.0, max_tokens=run.decode_tokens)
         assert run.read_ids(str(out / f"em{i}-ar" / "candidates.tgt")) == [c for cs in candidates for c in cs]
-        chosen, _ = em_nat.select_by_nar_likelihood(run, load(selector), run.train_sources, candidates)
+        q = [em_nat.quality_constrained_set(c, s, run.em.quality_margin) for c, s in zip(candidates, scores)]
+        chosen, _ = em_nat.select_by_nar_likelihood(run, load(selector), run.train_sources, q)
         assert run.read_ids(str(out / f"em{i}-ar" / "train.tgt")) == chosen
         assert run.read_ids(str(out / f"em{i}-nar" / "train.tgt")) == em_nat.distil(run, load(f"em{i}-ar"))
+    # The margin study re-selects the first E-step for other margins: at the run's own margin it must
+    # find what the run did; with margin 0, Q is the AR top-1 alone.
+    saved = json.loads((out / "em1-ar" / "result.json").read_text())
+    same, top1_only, *held_out = em_nat.margin_study(tiny_config(out), margins=(run.em.quality_margin, 0.0))
+    for key in ("q_size", "q_top1", "q_valid", "q_sources_with_valid", "invalid", "mode_entropy"):
+        assert same[key] == pytest.approx(saved[key]), key
+    assert top1_only["q_size"] == 1.0 and top1_only["q_top1"] == 100.0
+    assert [r["sources"] for r in held_out] == ["test", "test"] and held_out[1]["q_top1"] == 100.0
 
 
 def test_controls_share_the_first_stages_and_select_as_they_say(tmp_path):
-    cfg = tiny_config(tmp_path, ["--em-iterations", "1"])
+    cfg = tiny_config(tmp_path, ["--em-iterations", "1", "--quality-margin", "none"])   # Q = all 4 candidates
     by_stage = em_nat.main_seeds(cfg, [3], ["nar", "random", "ar-top1"])
     assert sorted(by_stage) == sorted((sel, st) for sel in ("nar", "random", "ar-top1") for st in STAGES[:5])
     for stage in ("ar", "nar-raw", "nar-kd"):                          # copied, not retrained
@@ -183,7 +260,7 @@ def test_controls_share_the_first_stages_and_select_as_they_say(tmp_path):
     rng = random.Random(3 * 7919 + 1)
     assert chosen["random"] == [rng.choice(g) for g in groups]
     assert chosen["nar"] != chosen["ar-top1"] and chosen["nar"] != chosen["random"]
-    assert (tmp_path / "seeds.txt").read_text().count("\n") == 2 + 1 + 3 * 5
+    assert (tmp_path / "seeds.txt").read_text().count("\n") == 1 + 2 * (4 + 3 * 5)    # two tables
 
 
 def test_quality_margin_keeps_the_candidates_near_the_ar_best():
@@ -208,6 +285,19 @@ def test_target_modes_known_answers():
 def test_a_run_directory_refuses_other_settings(tmp_path):
     run_tiny(tmp_path / "r", extra=["--em-iterations", "0"])
     for changed in (["--seed", "2"], ["--alpha", "1.4"], ["--kd-beam", "3"], ["--length-beam", "3"],
-                    ["--quality-margin", "1"], ["--selection", "random"]):
+                    ["--quality-margin", "none"], ["--selection", "random"]):
         with pytest.raises(em_nat.CheckpointError, match="other settings"):  # a clear error, not a mixed run
             em_nat.main(tiny_config(tmp_path / "r", ["--em-iterations", "0", *changed]))
+
+
+def test_printed_examples_mark_repeats_and_validity():
+    run = types.SimpleNamespace(corpus=em_nat.make_toy_corpus(seed=1, train_size=20))
+    vocab, toy = run.corpus.vocab, run.corpus.toy
+    src, valid = run.corpus.train[0]                          # a valid translation, words in the vocabulary
+    repeated = vocab.encode(valid[:1] + valid[:1] + valid[1:])
+    assert em_nat.marked_text(run, repeated) == " ".join(valid[:1] + [f"[{valid[0]}]"] + valid[1:])
+    assert em_nat.validity(run, src, " ".join(valid)) == "   (valid)"
+    assert em_nat.validity(run, src, " ".join(valid[:1] + valid)) == "   (invalid)"
+    bpe_run = types.SimpleNamespace(corpus=types.SimpleNamespace(vocab=em_nat.Vocab.build([["a@@", "b", "c"]]), is_bpe=True))
+    ids = bpe_run.corpus.vocab.encode(["a@@", "b", "a@@", "a@@", "b", "c", "c"])
+    assert em_nat.marked_text(bpe_run, ids) == "ab a[a]b c [c]"

@@ -3,6 +3,7 @@ target, the length classifier, and a small learning test."""
 import math
 import random
 
+import pytest
 import torch
 
 from data import collate
@@ -55,6 +56,7 @@ def test_ar_decoder_never_sees_the_future():
     assert not torch.allclose(logits[:, 3:], logits2[:, 3:], atol=1e-3)
 
 
+@pytest.mark.exercise(3)
 def test_cached_step_decoding_equals_teacher_forcing():
     model = tiny("ar")
     src, tgt = random_batch()
@@ -82,6 +84,23 @@ def test_nar_decoder_output_does_not_depend_on_target_tokens():
     assert not torch.allclose(outputs[0][1], outputs[2][1])
 
 
+@pytest.mark.exercise(2)
+def test_nar_decoder_input_is_the_position_embeddings():
+    # What the first decoder layer receives: at a real position t < T the scaled position embedding
+    # of t, past the length zeros; no target token (there is none at test time) and no source copy.
+    model = tiny("nar")
+    src, _ = random_batch()
+    enc, keep = model.encode(src)
+    inputs = []
+    hook = model.decoder[0].register_forward_pre_hook(lambda layer, args: inputs.append(args[0]))
+    model.nar_states(torch.tensor([3, 5, 1]), enc, keep)
+    hook.remove()
+    pos = model.tgt_pos.weight[:5].detach() * math.sqrt(model.cfg.d_model)         # (5, d)
+    expected = torch.stack([pos * (torch.arange(5) < n)[:, None] for n in (3, 5, 1)])
+    assert torch.allclose(inputs[0], expected, atol=1e-6)
+
+
+@pytest.mark.exercise(2)
 def test_nar_self_attention_ignores_positions_past_the_length():
     model = tiny("nar")
     src, _ = random_batch()
@@ -93,6 +112,7 @@ def test_nar_self_attention_ignores_positions_past_the_length():
     assert torch.allclose(short[real], padded[:, :5][real], atol=1e-5)
 
 
+@pytest.mark.exercise(1)
 def test_length_classifier_loss_and_argmax_known_answer():
     # With no encoder layers, slot 0 of the encoder output is exactly its scaled position embedding,
     # so a hand-set classifier gives known logits: 5 for length 7, 0 for every other length.
