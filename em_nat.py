@@ -110,8 +110,15 @@ def quality_constrained_set(candidates, ar_scores, margin):
 
 @torch.no_grad()
 def nar_scores(run, nar_model, pairs):
-    """Sentence log-likelihoods log p_NAR(y|x) (Transformer.score) of (source, target) id pairs,
-    batched by the token budget; a list in the order of `pairs`."""
+    """Sentence log-likelihoods log p_NAR(y|x) (Transformer.score) of (source, target) id pairs, a list
+    in the order of `pairs`. Under torchrun every process scores its share and the scores are gathered,
+    so every process must call it (rank 0 alone: local_nar_scores)."""
+    return gather(local_nar_scores(run, nar_model, shard(pairs)))
+
+
+@torch.no_grad()
+def local_nar_scores(run, nar_model, pairs):
+    """nar_scores in this process alone, batched by the token budget."""
     scores = [0.0] * len(pairs)
     with autocast_for(run.device):
         for batch in decode.make_batches([max(len(s), len(t)) for s, t in pairs], run.decode_tokens):
@@ -131,7 +138,7 @@ def select_by_nar_likelihood(run, nar_model, sources, sets):
     # >>> exercise 7: the E-step's selection
     flat = [(i, cand) for i, cands in enumerate(sets) for cand in cands
             if 0 < len(cand) <= nar_model.cfg.max_len]                # the NAR model cannot emit length 0
-    scores = gather(nar_scores(run, nar_model, shard([(sources[i], cand) for i, cand in flat])))
+    scores = nar_scores(run, nar_model, [(sources[i], cand) for i, cand in flat])
     best = [(float("-inf"), None)] * len(sources)
     for (i, cand), score in zip(flat, scores):
         if score > best[i][0]:
@@ -281,7 +288,7 @@ def targets_nll(run, nar_model, targets, limit=2000):
     -log p_NAR(y|x) / |y| (length term included), of (up to `limit` of) the targets it was trained on.
     Targets that mix several translations of the same sources cannot all be likely: lower is simpler."""
     pairs = [(s, t) for s, t in zip(run.train_sources, targets) if 0 < len(t) <= run.max_len][:limit]
-    return -sum(nar_scores(run, nar_model, pairs)) / max(sum(len(t) for _, t in pairs), 1)
+    return -sum(local_nar_scores(run, nar_model, pairs)) / max(sum(len(t) for _, t in pairs), 1)
 
 
 def time_per_sentence(fn, sources, device):

@@ -195,6 +195,7 @@ def test_the_loop_with_stand_in_stages(monkeypatch, iterations):
 
     class Run:
         em = types.SimpleNamespace(iterations=iterations, selection="nar")
+        cfg = types.SimpleNamespace(data=types.SimpleNamespace(distillation_targets=None))
         train_ids = [([4], [5]), ([6], [7])]
         results = "results"
 
