@@ -574,7 +574,8 @@ class Run:
         building a model draws from the RNG: a resumed stage must start from the same weights and
         dropout stream as an uninterrupted one."""
         torch.manual_seed(self.cfg.seed * 1000 + len(self.results))
-        model = build_model(model_config(self.cfg.preset, len(self.corpus.vocab), kind, max_len=self.max_len),
+        dropout = {} if self.cfg.train.dropout is None else {"dropout": self.cfg.train.dropout}
+        model = build_model(model_config(self.cfg.preset, len(self.corpus.vocab), kind, max_len=self.max_len, **dropout),
                             self.device)
         if init_from is not None and self.em.init == "warm":
             model.load_state_dict(init_from.model().state_dict())

@@ -42,6 +42,7 @@ class TrainConfig:
     update_freq: int = 1          # token-budget batches (per process) whose gradients make one update
     final_model: str = "best"     # the stage's model: "best" (lowest validation loss) or "last" step
     average_last: int = 1         # with "last": the mean of the last K checkpoints, one every valid_every
+    dropout: float = None         # None: the model preset's dropout
     seed: int = 1
     device: str = "cpu"
 
@@ -460,6 +461,7 @@ def build_parser():
     m.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     m.add_argument("--warmup", type=int, help="warm-up steps (default: the preset's)")
     m.add_argument("--valid-every", type=int, help="steps between validations (default: the preset's)")
+    m.add_argument("--dropout", type=float, help="dropout of every model (default: the preset's)")
     m.add_argument("--update-freq", type=int, default=1,
                    help="batches whose gradients make one update (per process; under torchrun each of the N "
                         "processes takes K batches: an update of N x K batches)")
@@ -516,7 +518,8 @@ def train_config(args, preset):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return TrainConfig(**values, update_freq=args.update_freq, final_model=args.final_model,
-                       average_last=args.average_last, seed=args.seed, device=process_device(args.device))
+                       average_last=args.average_last, dropout=args.dropout, seed=args.seed,
+                       device=process_device(args.device))
 
 
 def process_device(name):
