@@ -202,7 +202,7 @@ def two_process_worker(rank, out):
     beam = train.gather(translate_ids(ar, train.shard(SOURCES), method="beam", beam=3, max_tokens=40))
     nbest = [train.gather(part) for part in nbest_ids(ar, train.shard(SOURCES), 3, max_tokens=40)]
     run = type("R", (), {"decode_tokens": 40, "device": "cpu"})
-    scores = train.gather(em_nat.nar_scores(run, model, train.shard([(s, s) for s in SOURCES])))
+    scores = em_nat.nar_scores(run, model, [(s, s) for s in SOURCES])        # shards and gathers itself
     if rank == 0:
         torch.save({"model": model.state_dict(), "stopped": stopped_at, "beam": beam, "nbest": nbest,
                     "scores": scores}, os.path.join(out, "rank0.pt"))
