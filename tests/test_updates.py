@@ -2,6 +2,7 @@
 stage's final model (last step, averaged checkpoints), run directories made before a setting existed,
 and precomputed distillation targets. The multi-process tests start two CPU processes (gloo) and
 compare them with one process doing the same work."""
+import datetime
 import json
 import os
 import random
@@ -186,7 +187,8 @@ def two_process_worker(rank, out):
     """One of two gloo processes: trains a NAR model (stopped at step 6 by a 'Ctrl-C' seen by rank 1
     only, then resumed), and decodes and scores a shard of SOURCES; rank 0 saves what it got."""
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=90))   # a hang fails, not stalls
     pairs, real_graceful_interrupt = copy_pairs(), train.graceful_interrupt
     train.make_optimizer = sgd
     cfg = TrainConfig(update_freq=1, **DDP_CFG)
@@ -211,8 +213,14 @@ def two_process_worker(rank, out):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ddp"))
-    mp.start_processes(two_process_worker, args=(out,), nprocs=2, start_method="spawn")
+    for attempt in range(2):            # one retry: a rare gloo rendezvous stall on a loaded machine
+        out = str(tmp_path_factory.mktemp("ddp"))
+        try:
+            mp.start_processes(two_process_worker, args=(out,), nprocs=2, start_method="spawn")
+            break
+        except mp.ProcessRaisedException:
+            if attempt:
+                raise
     return out, torch.load(os.path.join(out, "rank0.pt"), weights_only=False)
 
 
