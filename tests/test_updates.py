@@ -16,6 +16,7 @@ import train
 from data import DataError, collate
 from decode import nbest_ids, translate_ids
 from model import ModelConfig, Transformer
+from test_robustness import StopAfter              # the stand-in Ctrl-C flag
 from train import TrainConfig, train_model
 
 torch.set_num_threads(1)
@@ -156,18 +157,6 @@ def test_precomputed_distillation_targets_follow_the_lines_of_train_src(tmp_path
 
 
 # ----- two processes (torchrun's DistributedDataParallel, gloo on CPU) vs one --------------------
-class StopAfter(dict):
-    """Stands in for the Ctrl-C flag: 'stop' once the loop has asked `steps` times."""
-
-    def __init__(self, steps):
-        super().__init__()
-        self.asked, self.steps = 0, steps
-
-    def __getitem__(self, key):
-        self.asked += 1
-        return self.asked >= self.steps
-
-
 class Interrupt:
     def __init__(self, steps):
         self.steps = steps
