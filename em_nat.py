@@ -439,16 +439,26 @@ def config_settings(data: DataConfig, train: TrainConfig, em: EMConfig, world):
             "em": {k: v for k, v in asdict(em).items() if k not in ("iterations", "speed_sentences", "examples")}}
 
 
+def unrecorded_settings():
+    """What a run did about a setting that its run.json does not record (written before em-nat had
+    it): today's default, except the stage's model, which was the best validation loss until the last
+    step became the default."""
+    defaults = config_settings(DataConfig(), TrainConfig(), EMConfig(), world=1)
+    defaults["train"]["final_model"] = "best"
+    return defaults
+
+
 def setting_changes(saved, current, defaults):
     """'name: saved -> current' for every setting of `current` that differs from `saved` (sections,
-    e.g. "train", compared key by key). A key missing from `saved` counts as its value in `defaults`."""
+    e.g. "train", compared key by key). A key missing from `saved` counts as its value in `defaults`
+    (unrecorded_settings)."""
     changes = []
     for key, value in current.items():
         if isinstance(value, dict) and isinstance(saved.get(key), dict):
             changes += [f"{key}.{change}" for change in setting_changes(saved[key], value, defaults.get(key, {}))]
         elif key not in saved and key in defaults:
             if defaults[key] != value:
-                changes.append(f"{key}: {defaults[key]} (default) -> {value}")
+                changes.append(f"{key}: {defaults[key]} (not recorded) -> {value}")
         elif saved.get(key) != value:
             changes.append(f"{key}: {saved.get(key)} -> {value}")
     return changes
@@ -514,7 +524,7 @@ class Run:
         if os.path.isfile(path):
             with open(path) as f:
                 saved = json.load(f)
-            defaults = config_settings(DataConfig(), TrainConfig(), EMConfig(), world=1)
+            defaults = unrecorded_settings()
             changed = setting_changes(saved, settings, defaults)
             if changed:
                 raise CheckpointError(f"{path}: this run directory was made with other settings "

@@ -40,7 +40,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     valid_every: int = 1000
     update_freq: int = 1          # token-budget batches (per process) whose gradients make one update
-    final_model: str = "best"     # the stage's model: "best" (lowest validation loss) or "last" step
+    final_model: str = "last"     # the stage's model: the "last" step's (official) or the "best" validation loss
     average_last: int = 1         # with "last": the mean of the last K checkpoints, one every valid_every
     dropout: float = None         # None: the model preset's dropout
     seed: int = 1
@@ -369,8 +369,9 @@ def remove_loop_files(out_dir):
 
 
 def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc="train", meta=None):
-    """Train `model` on id pairs; keep the best model (lowest validation loss) in out_dir as
-    model.pt + config.json and return the model with those weights and a summary dict.
+    """Train `model` on id pairs; keep the stage's model (cfg.final_model: the last step's weights, their
+    mean with earlier checkpoints, or the lowest validation loss) in out_dir as model.pt + config.json
+    and return the model with those weights and a summary dict.
     out_dir/resume.pt holds the loop's state at every validation and at Ctrl-C: a later call with the
     same out_dir continues from it and reaches the same weights as an uninterrupted run."""
     check_pairs(train_pairs, valid_pairs, desc)
@@ -465,9 +466,10 @@ def build_parser():
     m.add_argument("--update-freq", type=int, default=1,
                    help="batches whose gradients make one update (per process; under torchrun each of the N "
                         "processes takes K batches: an update of N x K batches)")
-    m.add_argument("--final-model", choices=["best", "last"], default="best",
-                   help="each stage's model: the checkpoint of lowest validation loss, or the last step's "
-                        "(as the paper's scripts, which load a fixed step)")
+    m.add_argument("--final-model", choices=["last", "best"], default="last",
+                   help="each stage's model: the last step's (as the paper's scripts, which load a fixed "
+                        "step), or the checkpoint of lowest validation loss (misleading for NAR models "
+                        "trained on distilled targets: README, 'The checkpoint rule')")
     m.add_argument("--average-last", type=int, default=1, metavar="K",
                    help="with --final-model last: the mean of the last K checkpoints, taken every "
                         "--valid-every steps (as fairseq's average_checkpoints.py)")

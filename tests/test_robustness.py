@@ -149,7 +149,8 @@ def test_out_of_memory_names_the_token_budget_to_lower(tmp_path, monkeypatch):
 
 
 def test_an_empty_validation_set_is_an_error(tmp_path):
-    # With no validation pair the best checkpoint would stay the first one saved, silently.
+    # With no validation pair there is no validation loss to report (nor, with --final-model best, to
+    # choose the checkpoint by: it would stay the first one saved, silently).
     with pytest.raises(TrainingError, match="no validation pairs"):
         train_model(tiny_model(), copy_pairs(20), [], TrainConfig(ar_steps=5, device="cpu"), str(tmp_path))
     for split in ("train", "valid"):

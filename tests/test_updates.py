@@ -91,7 +91,8 @@ def test_last_step_and_averaged_checkpoints(tmp_path, monkeypatch):
     common = dict(lr=2e-3, warmup=5, max_tokens=96, valid_every=4)
     at_step = {n: train_model(tiny_model("ar"), pairs, pairs[:10], TrainConfig(ar_steps=n, final_model="last", **common),
                               str(tmp_path / f"last{n}"))[0] for n in (4, 8, 12)}
-    best, _ = train_model(tiny_model("ar"), pairs, pairs[:10], TrainConfig(ar_steps=12, **common), str(tmp_path / "best"))
+    best, _ = train_model(tiny_model("ar"), pairs, pairs[:10], TrainConfig(ar_steps=12, final_model="best", **common),
+                          str(tmp_path / "best"))
     assert same_weights(best, at_step[4], atol=0) and not same_weights(best, at_step[12])
     averaged, _ = train_model(tiny_model("ar"), pairs, pairs[:10],
                               TrainConfig(ar_steps=12, final_model="last", average_last=2, **common), str(tmp_path / "avg"))
@@ -107,7 +108,7 @@ def test_last_step_and_averaged_checkpoints(tmp_path, monkeypatch):
 
 def test_averaging_needs_the_last_checkpoints():
     with pytest.raises(ValueError, match="needs final_model 'last'"):
-        TrainConfig(average_last=3)
+        TrainConfig(average_last=3, final_model="best")
 
 
 # ----- run directories made before a setting existed ----------------------------------------------
@@ -119,7 +120,7 @@ def tiny_config(out, extra=()):
     return train.run_config(train.build_parser().parse_args(TINY + ["--out", str(out), *extra]))
 
 
-def test_a_setting_missing_from_an_older_run_json_counts_as_its_default(tmp_path):
+def test_a_setting_missing_from_an_older_run_json_counts_as_what_the_run_did(tmp_path):
     em_nat.Run(tiny_config(tmp_path))
     path = tmp_path / "run.json"
     saved = json.loads(path.read_text())
@@ -127,10 +128,11 @@ def test_a_setting_missing_from_an_older_run_json_counts_as_its_default(tmp_path
                          ("data_options", "distillation_targets")):
         del saved[section][key]                                   # as a run.json written before they existed
     path.write_text(json.dumps(saved))
-    em_nat.Run(tiny_config(tmp_path))                             # resumable with the defaults
-    for changed, name in ((["--update-freq", "2"], "train.batches_per_update: 1 (default) -> 2"),
-                          (["--final-model", "last"], "train.final_model: best (default) -> last"),
-                          (["--ar-steps", "7"], "train.ar_steps: 6 -> 7")):
+    # Resumable with what such a run did: today's defaults, but the best checkpoint (then the default).
+    em_nat.Run(tiny_config(tmp_path, ["--final-model", "best"]))
+    for changed, name in ((["--final-model", "best", "--update-freq", "2"], "train.batches_per_update: 1 (not recorded) -> 2"),
+                          ([], "train.final_model: best (not recorded) -> last"),
+                          (["--final-model", "best", "--ar-steps", "7"], "train.ar_steps: 6 -> 7")):
         with pytest.raises(em_nat.CheckpointError, match=name.replace("(", r"\(").replace(")", r"\)")):
             em_nat.Run(tiny_config(tmp_path, changed))
 
