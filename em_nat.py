@@ -754,7 +754,7 @@ def main(cfg: RunConfig):
     return results
 
 
-MARGINS = (None, 3.0, 2.0, 1.0, 0.5)
+MARGINS = (None, 3.0, 2.0, 1.0, 0.5, 0.0)      # 0: Q = the AR top-1 alone, i.e. plain distillation
 
 
 def margin_study(cfg: RunConfig, margins=MARGINS):
@@ -810,7 +810,7 @@ def format_margin_table(rows, toy):
                [("|Q|", "q_size", 1), ("=top1%", "q_top1", 1), ("sent-BLEU vs ref", "sentence_bleu", 2)])
     header = f"{'sources':<8} {'margin':>6} " + " ".join(f"{name:>{max(len(name), 6)}}" for name, _, _ in columns)
     lines = ["the first E-step (Q from AR_0's N-best, selected by NAR_0) for each quality margin, on the "
-             "training sources and on held-out ones", header,
+             "training sources and on held-out ones (margin 0: the AR top-1 alone, i.e. distillation)", header,
              "-" * len(header)]
     for r in rows:
         lines.append(f"{r['sources']:<8} {str(r['margin'] if r['margin'] is not None else 'none'):>6} " +
