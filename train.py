@@ -7,8 +7,9 @@
 
 The loop: AdamW (weight decay not on layer norms and biases), the
 inverse-square-root warm-up schedule, gradient clipping, token-budget batches, periodic validation,
-the last step's weights kept (as the official scripts do) as a plain state dict plus config JSON. A stage's loop can be stopped at
-any time (Ctrl-C) and resumes where it stopped with the same result; em_nat.py runs the stages.
+the last step's weights kept (as the official scripts do) as a plain state dict plus config JSON.
+A stage's loop can be stopped at any time (Ctrl-C) and resumes where it stopped with the same
+result; em_nat.py runs the stages.
 """
 import argparse
 import datetime
