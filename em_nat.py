@@ -779,7 +779,7 @@ def margin_study(cfg: RunConfig, margins=MARGINS):
         nar = candidate_nar_scores(run, nar_model, sources, candidates)
         refs = [ids_to_text(t, run.corpus.vocab, run.corpus.is_bpe) for _, t in run.corpus.ids(split)]
         for margin in margins:
-            keep = [[j for j in range(len(s)) if margin is None or s[j] >= s[0] - margin] for s in ar_scores]
+            keep = [quality_constrained_set(range(len(s)), s, margin) for s in ar_scores]   # Q, as indices
             chosen = [max(js, key=lambda j: nar[i][j]) for i, js in enumerate(keep)]   # ties: the first
             targets = [candidates[i][j] for i, j in enumerate(chosen)]
             sets = [[candidates[i][j] for j in js] for i, js in enumerate(keep)]
