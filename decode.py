@@ -34,10 +34,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import BPE, DataError, Vocab, make_batches, pad_batch, read_lines, remove_bpe
-from model import (EOS, PAD, BOS, CheckpointError, Transformer, autocast_for, keep_freed_memory_on_cpu,
-                   load_checkpoint, model_config, pick_device, synchronize)
+from model import (EOS, PAD, BOS, UNK, CheckpointError, Transformer, keep_freed_memory_on_cpu, load_checkpoint,
+                   model_config, pick_device, precision_context, resolve_precision, synchronize)
 
 EARLY_STOP_EVERY = 4          # beam steps between "are all beams finished?" host checks
+OUTPUT_RATIO, OUTPUT_EXTRA = 1.2, 10    # an AR output holds at most 1.2 |x| + 10 tokens (max_output_len)
 NEG_INF = float("-inf")
 
 
@@ -51,11 +52,11 @@ def length_penalty(lengths, alpha):
     return ((5.0 + lengths) / 6.0) ** alpha
 
 
-def max_output_len(src, model, a=1.2, b=10):
-    """Most output tokens (not counting <eos>) allowed per sentence, a * |x| + b capped by the model's
-    max_len: (batch,). At that length the AR model is forced to end."""
+def max_output_len(src, model):
+    """Most output tokens (not counting <eos>) allowed per sentence: OUTPUT_RATIO * |x| + OUTPUT_EXTRA,
+    capped by the model's max_len: (batch,). At that length the AR model is forced to end."""
     src_len = (src != PAD).sum(1)
-    return (a * src_len + b).long().clamp(max=model.cfg.max_len)
+    return (OUTPUT_RATIO * src_len + OUTPUT_EXTRA).long().clamp(max=model.cfg.max_len)
 
 
 def allow_only_eos(logp, at_limit):
@@ -292,15 +293,16 @@ def tokens_to_lists(tokens):
     return [[i for i in row if i != PAD] for row in tokens.tolist()]
 
 
-def decode_corpus(model, sources, decode_batch, rows_per_source, max_tokens, device, progress, desc):
+def decode_corpus(model, sources, decode_batch, rows_per_source, max_tokens, device, progress, desc,
+                  precision="fp32"):
     """Run decode_batch(src) -> one result per sentence over a list of source id lists, batched by a
     token budget (rows_per_source rows a sentence), and return the results in the order of `sources`.
-    On CUDA the models run under bf16 autocast."""
+    The model is put in eval mode (no dropout); precision "bf16": under bf16 autocast."""
     batches = make_batches([len(s) for s in sources], max(max_tokens // rows_per_source, 1))
     results = [None] * len(sources)
     model.eval()
     bar = tqdm(total=len(sources), desc=desc, disable=not progress, leave=False)
-    with autocast_for(device):
+    with precision_context(device, precision):
         for batch in batches:
             outs = decode_batch(pad_batch([sources[i] for i in batch], device))
             for i, out in zip(batch, outs):
@@ -312,8 +314,10 @@ def decode_corpus(model, sources, decode_batch, rows_per_source, max_tokens, dev
 
 @torch.no_grad()
 def translate_ids(model, sources, method="beam", beam=5, alpha=1.0, length_beam=1, odd=True,
-                  rescorer=None, max_tokens=4096, device="cpu", progress=False):
+                  rescorer=None, max_tokens=4096, device="cpu", progress=False, precision="fp32"):
     """One translation (a list of ids) per source id list. method: "greedy" | "beam" (AR) | "nar"."""
+    if rescorer is not None:
+        rescorer.eval()
     if method == "greedy":
         fn, rows = (lambda src: tokens_to_lists(ar_greedy(model, src))), 1
     elif method == "beam":
@@ -323,19 +327,36 @@ def translate_ids(model, sources, method="beam", beam=5, alpha=1.0, length_beam=
                                                            rescorer=rescorer, alpha=alpha))), length_beam
     else:
         raise ValueError(f"unknown decoding method {method!r}")
-    return decode_corpus(model, sources, fn, rows, max_tokens, device, progress, f"decode ({method})")
+    return decode_corpus(model, sources, fn, rows, max_tokens, device, progress, f"decode ({method})", precision)
 
 
 @torch.no_grad()
-def nbest_ids(model, sources, n, alpha=1.0, max_tokens=4096, device="cpu", progress=False):
+def nbest_ids(model, sources, n, alpha=1.0, max_tokens=4096, device="cpu", progress=False, precision="fp32"):
     """The n best beam-search translations (beam n) of every source, best first: (a list of n id lists
     per source, a list of their n length-normalised scores per source). The E-step draws Q from these."""
     def fn(src):
         tokens, scores = ar_beam_search(model, src, beam=n, alpha=alpha, nbest=n)   # (batch, n, out_len)
         flat = tokens_to_lists(tokens.flatten(0, 1))
         return [(flat[i * n:(i + 1) * n], row) for i, row in enumerate(scores.tolist())]
-    results = decode_corpus(model, sources, fn, n, max_tokens, device, progress, f"{n}-best")
+    results = decode_corpus(model, sources, fn, n, max_tokens, device, progress, f"{n}-best", precision)
     return [cands for cands, _ in results], [scores for _, scores in results]
+
+
+@torch.no_grad()
+def score_pairs(model, pairs, max_tokens=4096, device="cpu", precision="fp32"):
+    """Sentence log-likelihoods model.score(x, y) of (source ids, target ids) pairs, a list of floats in
+    the order of `pairs`, batched by a token budget. The model is put in eval mode: a score with
+    dropout on is a noisy score (the E-step compares scores across candidates). This one scorer serves
+    the E-step's selection, its printed example, the NLL column and the margin study."""
+    model.eval()
+    scores = [0.0] * len(pairs)
+    with precision_context(device, precision):
+        for batch in make_batches([max(len(s), len(t)) for s, t in pairs], max_tokens):
+            src = pad_batch([pairs[j][0] for j in batch], device)
+            tgt = pad_batch([pairs[j][1] for j in batch], device)
+            for j, score in zip(batch, model.score(src, tgt).tolist()):
+                scores[j] = score
+    return scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,19 +448,30 @@ def load_rescorer(directory, vocab, device):
     return rescorer
 
 
-def translate_lines(lines, model, vocab, bpe, is_bpe, args, rescorer, device):
-    """One output line per input line; empty or over-long input lines are handled, never dropped."""
-    limit = model.cfg.max_len
+def encode_lines(lines, vocab, bpe, max_len, warn=None):
+    """Source id lists of text lines, tokenised as the training data (BPE-encoded with the run's BPE where
+    em-nat learned one), cut to the model's max_len. warn(line number, unknown words): called for every
+    line with words outside the vocabulary, which become <unk> (the translation is then a guess)."""
     sources = []
-    for line in lines:
+    for number, line in enumerate(lines, start=1):
         words = line.split()
         pieces = bpe.encode(words) if bpe is not None else words
-        sources.append(vocab.encode(pieces)[:limit])          # over-long input: cut to the model's limit
+        ids = vocab.encode(pieces)
+        if warn is not None and UNK in ids:
+            warn(number, sorted({p for p, i in zip(pieces, ids) if i == UNK}))
+        sources.append(ids[:max_len])
+    return sources
+
+
+def translate_lines(lines, model, vocab, bpe, is_bpe, beam=5, alpha=1.0, length_beam=1, odd=True, rescorer=None,
+                    device="cpu", precision="fp32", warn=None):
+    """One output line per input line; empty or over-long input lines are handled, never dropped."""
+    sources = encode_lines(lines, vocab, bpe, model.cfg.max_len, warn)
     nonempty = [i for i, s in enumerate(sources) if s]
-    method = "nar" if model.cfg.kind == "nar" else ("greedy" if args.beam == 1 else "beam")
-    outs = translate_ids(model, [sources[i] for i in nonempty], method=method, beam=args.beam, alpha=args.alpha,
-                         length_beam=args.length_beam, odd=not args.no_odd, rescorer=rescorer,
-                         device=device, progress=len(nonempty) > 50)
+    method = "nar" if model.cfg.kind == "nar" else ("greedy" if beam == 1 else "beam")
+    outs = translate_ids(model, [sources[i] for i in nonempty], method=method, beam=beam, alpha=alpha,
+                         length_beam=length_beam, odd=odd, rescorer=rescorer, device=device,
+                         progress=len(nonempty) > 50, precision=precision)
     text = [""] * len(lines)
     for i, out in zip(nonempty, outs):
         text[i] = ids_to_text(out, vocab, is_bpe)
@@ -463,26 +495,26 @@ def benchmark(args, device):
 
     def run(fn, batch_size):
         for i in range(0, min(batch_size * 2, n), batch_size):   # warm-up
-            fn(src[i:i + batch_size], batch_size)
+            fn(src[i:i + batch_size])
         synchronize(device)
         start = time.perf_counter()
         for i in range(0, n, batch_size):
-            fn(src[i:i + batch_size], batch_size)
+            fn(src[i:i + batch_size])
         synchronize(device)
         return (time.perf_counter() - start) * 1000 / n    # ms per sentence
 
     systems = {
-        "AR greedy": lambda s, bs: ar_greedy(ar, s, max_len=fixed[:len(s)]),
-        f"AR beam {args.beam}": lambda s, bs: ar_beam_search(ar, s, beam=args.beam, alpha=args.alpha,
+        "AR greedy": lambda s: ar_greedy(ar, s, max_len=fixed[:len(s)]),
+        f"AR beam {args.beam}": lambda s: ar_beam_search(ar, s, beam=args.beam, alpha=args.alpha,
                                                              max_len=fixed[:len(s)]),
-        "NAR ODD (1 length)": lambda s, bs: nar_decode(nar, s, lengths=fixed[:len(s)]),
-        "NAR ODD + AR rescoring (9 lengths)": lambda s, bs: nar_decode(   # the paper's length beam B = 9
+        "NAR ODD (1 length)": lambda s: nar_decode(nar, s, lengths=fixed[:len(s)]),
+        "NAR ODD + AR rescoring (9 lengths)": lambda s: nar_decode(   # the paper's length beam B = 9
             nar, s, length_beam=9, rescorer=ar, alpha=args.alpha, lengths=fixed[:len(s)]),
     }
-    print(f"benchmark: preset {args.preset}, random weights, device {device}, {n} sentences, "
+    print(f"benchmark: preset {args.preset}, random weights, device {device} ({args.precision}), {n} sentences, "
           f"{src_len} source -> {tgt_len} target tokens, {torch.get_num_threads()} threads")
     table = []
-    with autocast_for(device):
+    with precision_context(device, args.precision):
         for batch_size in (1, args.batch_size):
             times = {name: run(fn, batch_size) for name, fn in tqdm(systems.items(), desc=f"batch {batch_size}",
                                                                     leave=False)}
@@ -495,18 +527,26 @@ def benchmark(args, device):
     return table
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every default except the absent ones (None): those say in words where they come from."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default except the absent ones (None: those say in words where they come from)
+    and a switch's False; the description and the examples keep their line breaks."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Translate with an em-nat checkpoint (AR or NAR), or benchmark decoding latency.",
+        description="Translate with an em-nat checkpoint (AR or NAR), or benchmark decoding latency.\n"
+                    "The input must be tokenised as the training data was (em-nat applies the run's BPE\n"
+                    "itself where it learned one); words outside the vocabulary are reported on stderr.",
+        epilog="examples:\n"
+               "  echo 'ka lu mo' | python decode.py --checkpoint runs/toy-toy/em2-nar\n"
+               "  python decode.py --checkpoint runs/toy-toy/em2-nar --rescore-with runs/toy-toy/em2-ar "
+               "--length-beam 9 --input src.txt\n"
+               "  python decode.py --benchmark --preset iwslt",
         formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", help="a stage directory of a run, e.g. runs/toy/em2-nar")
+    p.add_argument("--checkpoint", help="a stage directory of a run, e.g. runs/toy-toy/em2-nar")
     p.add_argument("--input", help="text file, one sentence per line (default: standard input)")
     p.add_argument("--output", help="write translations here (default: standard output)")
     p.add_argument("--beam", type=int, default=5, help="AR beam size (1 = greedy)")
@@ -516,6 +556,8 @@ def build_parser():
     p.add_argument("--no-odd", action="store_true", help="NAR: plain argmax instead of ODD decoding")
     p.add_argument("--rescore-with", help="NAR: AR checkpoint directory that rescores the length candidates (NPD)")
     p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast on a GPU with native bf16 (compute capability 8.0+), else fp32")
     b = p.add_argument_group("benchmark (random weights; no checkpoint needed)")
     b.add_argument("--benchmark", action="store_true", help="measure AR vs NAR latency and print a table")
     b.add_argument("--preset", default="iwslt", help="model size to time")
@@ -529,6 +571,10 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
+    try:
+        args.precision = resolve_precision(args.precision, device)
+    except ValueError as err:
+        sys.exit(f"decode.py: {err}")
     keep_freed_memory_on_cpu()
     if args.benchmark:
         args.alpha = 1.0 if args.alpha is None else args.alpha
@@ -542,9 +588,16 @@ def main(argv=None):
         lines = read_lines(args.input) if args.input else sys.stdin.read().splitlines()
     except (CheckpointError, DataError) as err:
         sys.exit(f"decode.py: {err}")
-    if args.alpha is None:
-        args.alpha = config.get("alpha", 1.0)          # the length penalty the run used
-    text = translate_lines(lines, model, vocab, bpe, config.get("is_bpe", False), args, rescorer, device)
+    source = args.input or "<stdin>"
+
+    def warn(number, unknown):
+        print(f"decode.py: {source}:{number}: {len(unknown)} unknown word(s) become <unk>: {' '.join(unknown[:10])}"
+              f"{' ...' if len(unknown) > 10 else ''}", file=sys.stderr)
+
+    text = translate_lines(lines, model, vocab, bpe, config.get("is_bpe", False), beam=args.beam,
+                           alpha=config.get("alpha", 1.0) if args.alpha is None else args.alpha,
+                           length_beam=args.length_beam, odd=not args.no_odd, rescorer=rescorer, device=device,
+                           precision=args.precision, warn=warn)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     out.write("".join(line + "\n" for line in text))
     if args.output:

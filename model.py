@@ -28,6 +28,7 @@ import ctypes
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, asdict, fields
 
 import torch
@@ -218,7 +219,7 @@ class Transformer(nn.Module):
         layer and log-softmax in float32 even under bf16 autocast (bf16 logits shift a sentence's score
         by ~0.1 nats, enough to flip a selection), and no token masked, so a target that holds <unk>
         gets its real probability. h: (..., d) -> float32 (..., vocab)."""
-        with torch.autocast(device_type=h.device.type, enabled=False):
+        with full_precision(h.device.type):
             return F.linear(h.float(), self.embed.weight.float(), self.out_bias.float()).log_softmax(-1)
 
     def encode(self, src):
@@ -375,7 +376,7 @@ class Transformer(nn.Module):
         lengths = (tgt != PAD).sum(1)
         logp = self.scoring_log_probs(self.nar_states(lengths, enc, enc_keep, max_tgt_len=tgt.size(1)))
         tok = logp.gather(-1, tgt[..., None]).squeeze(-1).masked_fill(tgt == PAD, 0.0)  # (batch, t)
-        with torch.autocast(device_type=enc.device.type, enabled=False):
+        with full_precision(enc.device.type):
             len_logp = self.length_logits(enc.float()).float().log_softmax(-1)  # (batch, max_len+1)
         return len_logp.gather(1, lengths[:, None]).squeeze(1) + tok.sum(1)
 
@@ -413,10 +414,38 @@ def pick_device(name=None):
     return "cpu"
 
 
-def autocast_for(device):
-    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slow, MPS support varies)."""
-    device_type = torch.device(device).type
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision, device):
+    """The precision a run computes in: "auto" is bf16 autocast on a CUDA GPU that has native bf16
+    (compute capability 8.0 and up: A100, H100, RTX 30xx and later), else fp32. Older GPUs (V100, T4)
+    would emulate bf16 slowly or refuse it; CPU bf16 is slow; MPS support varies by version."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    device = torch.device(device)
+    if precision == "auto":
+        native = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        return "bf16" if native else "fp32"
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError(f"--precision bf16 needs a CUDA device (this run is on {device.type}); use fp32")
+    return precision
+
+
+def precision_context(device, precision):
+    """bf16 autocast where the run computes in bf16; no autocast object at all otherwise (some torch
+    versions refuse an autocast for a device they do not know, even a disabled one)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def full_precision(device_type):
+    """Switch bf16 autocast off inside a region (scores in float32). Only CUDA and CPU autocast exist in
+    every torch version em-nat supports; elsewhere (MPS) em-nat never autocasts: nothing to switch off."""
+    if device_type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return nullcontext()
 
 
 def build_model(cfg: ModelConfig, device="cpu"):

@@ -1,17 +1,17 @@
-"""train.py: the training loop shared by the AR and the NAR model, and the one command of em-nat.
+"""train.py: the training loop that both models of the EM loop learn with. It knows nothing of EM:
+give it a model, (source, target) id pairs and a TrainConfig, and it trains, checkpoints and resumes.
 
-    python train.py                                   # the whole EM pipeline on the embedded toy task
-    python train.py --data-dir DIR --preset iwslt     # the same on IWSLT14 De-En (fairseq layout)
-    python train.py --seeds 1 2 3 --controls          # over seeds, with the E-step's controls
-    python train.py --benchmark                       # training and N-best throughput on real data
+- AdamW (no weight decay on layer norms and biases), the inverse-square-root warm-up schedule,
+  gradient clipping, token-budget batches (data.make_batches), periodic validation loss.
+- The stage's model is the last step's weights (as the paper's official scripts keep), optionally the
+  mean of the last K checkpoints, or the checkpoint of lowest validation loss (final_model).
+- Ctrl-C stops after the current step and saves the loop's state; calling train_model again with the
+  same directory continues from it and reaches the same weights as an uninterrupted run.
+- Several processes (torchrun): PyTorch's DistributedDataParallel, and the few helpers the EM loop
+  needs to split decoding work between processes (shard, gather).
 
-The loop: AdamW (weight decay not on layer norms and biases), the
-inverse-square-root warm-up schedule, gradient clipping, token-budget batches, periodic validation,
-the last step's weights kept (as the official scripts do) as a plain state dict plus config JSON.
-A stage's loop can be stopped at any time (Ctrl-C) and resumes where it stopped with the same
-result; em_nat.py runs the stages.
+`python train.py` runs the whole EM pipeline: the command line lives in em_nat.py, which uses this file.
 """
-import argparse
 import datetime
 import math
 import os
@@ -20,14 +20,16 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
 from data import collate, make_batches
-from model import (autocast_for, count_parameters, keep_freed_memory_on_cpu, pick_device, save_atomic,
-                   save_checkpoint, synchronize)
+from model import count_parameters, pick_device, precision_context, save_atomic, save_checkpoint
+
+# torch.OutOfMemoryError is new in torch 2.5; older versions raise torch.cuda.OutOfMemoryError.
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
 @dataclass
@@ -46,6 +48,7 @@ class TrainConfig:
     dropout: float = None         # None: the model preset's dropout
     seed: int = 1
     device: str = "cpu"
+    precision: str = "fp32"       # "bf16": autocast (model.resolve_precision picks it where the GPU has it)
 
     def __post_init__(self):
         if self.final_model not in ("best", "last"):
@@ -54,6 +57,11 @@ class TrainConfig:
             raise ValueError("update_freq and average_last count batches and checkpoints: at least 1")
         if self.average_last > 1 and self.final_model != "last":
             raise ValueError("averaging the last checkpoints (average_last > 1) needs final_model 'last'")
+        for name in ("lr", "warmup", "max_tokens", "ar_steps", "nar_steps", "valid_every"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
 
     def steps_for(self, kind):
         return self.ar_steps if kind == "ar" else self.nar_steps
@@ -199,16 +207,19 @@ def graceful_interrupt():
 
 @torch.no_grad()
 def validation_loss(model, pairs, cfg):
-    """Mean label-smoothed loss per target token over `pairs` (ids)."""
+    """Mean label-smoothed loss per target token over `pairs` (ids), with dropout off. The model comes
+    back in the mode it came in: in the loop it goes on training; a finished model stays in eval mode
+    (a model left in train mode would score the E-step's candidates with dropout on)."""
+    was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
-    with autocast_for(cfg.device):
+    with precision_context(cfg.device, cfg.precision):
         for batch in make_batches([max(len(s), len(t)) + 1 for s, t in pairs], cfg.max_tokens):
             src, tgt = collate([pairs[i] for i in batch], cfg.device)
             loss, n = model(src, tgt)
             total += float(loss) * int(n)
             tokens += int(n)
-    model.train()
+    model.train(was_training)
     return total / max(tokens, 1)
 
 
@@ -221,14 +232,15 @@ def save_resume_state(path, model, optimizer, scheduler, position):
 
 
 def forward_backward(model, src, tgt, cfg, desc, normalizers=None):
-    """Loss and gradients of one batch (bf16 autocast on CUDA). Returns (loss, target tokens).
+    """Loss and gradients of one batch (under bf16 autocast where cfg.precision says so). Returns (loss,
+    target tokens).
     normalizers: see Transformer.forward. Out of memory becomes a TrainingError that says which
     budget to lower."""
     try:
-        with autocast_for(cfg.device):
+        with precision_context(cfg.device, cfg.precision):
             loss, n_tokens = model(src, tgt, normalizers)
         loss.backward()
-    except torch.OutOfMemoryError:
+    except OUT_OF_MEMORY:
         raise TrainingError(f"{desc}: out of memory on a batch of {tgt.numel()} target tokens; "
                             f"lower --max-tokens (now {cfg.max_tokens})") from None
     return loss, n_tokens
@@ -422,113 +434,12 @@ def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc
                    "parameters": count_parameters(model)}
 
 
-def margin_value(text):
-    """--quality-margin: a number of nats, or 'none' (no margin)."""
-    if text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of nats or 'none', got {text!r}") from None
-
-
-def build_parser():
-    from decode import HelpFormatter
-    from model import PRESETS
-    p = argparse.ArgumentParser(
-        description="Run the whole EM pipeline of Sun & Yang (2020): AR model, NAR on raw data, NAR after "
-                    "knowledge distillation, then EM iterations; prints one table of results per stage. "
-                    "With no arguments it runs on the embedded toy task in a few minutes on a CPU.",
-        formatter_class=HelpFormatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--data-dir", help="corpus directory in the fairseq layout (train/valid/test.SRC/.TGT); "
-                                      "default: the embedded toy task, generated from --seed")
-    d.add_argument("--src", default="de", help="source language suffix")
-    d.add_argument("--tgt", default="en", help="target language suffix")
-    d.add_argument("--bpe-merges", type=int, default=10000,
-                   help="joint BPE merges learned on plain text (0: use the text as it is)")
-    d.add_argument("--max-train-pairs", type=int, help="use only the first N training pairs (default: all)")
-    d.add_argument("--toy-train-size", type=int, default=6000, help="training pairs of the toy task")
-    d.add_argument("--distillation-targets", metavar="FILE",
-                   help="the first NAR model's targets, precomputed (e.g. by a stronger teacher): one line per "
-                        "line of train.SRC, tokenised as train.TGT (default: AR_0's beam outputs)")
-    m = p.add_argument_group("model and training")
-    m.add_argument("--preset", choices=sorted(PRESETS), help="model size (default: toy on the toy task, "
-                                                           "iwslt with --data-dir)")
-    m.add_argument("--max-len", type=int, help="longest sentence in tokens (positions, length classes); longer "
-                                               "training pairs are dropped (default: the preset's)")
-    m.add_argument("--ar-steps", type=int, help="optimizer steps per AR model (default: the preset's, TRAIN_PRESETS)")
-    m.add_argument("--nar-steps", type=int, help="optimizer steps per NAR model (default: the preset's)")
-    m.add_argument("--max-tokens", type=int, help="token budget of a batch (default: the preset's)")
-    m.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
-    m.add_argument("--warmup", type=int, help="warm-up steps (default: the preset's)")
-    m.add_argument("--valid-every", type=int, help="steps between validations (default: the preset's)")
-    m.add_argument("--dropout", type=float, help="dropout of every model (default: the preset's)")
-    m.add_argument("--update-freq", type=int, default=1,
-                   help="batches whose gradients make one update (per process; under torchrun each of the N "
-                        "processes takes K batches: an update of N x K batches)")
-    m.add_argument("--final-model", choices=["last", "best"], default="last",
-                   help="each stage's model: the last step's (as the paper's scripts, which load a fixed "
-                        "step), or the checkpoint of lowest validation loss (misleading for NAR models "
-                        "trained on distilled targets: README, 'The checkpoint rule')")
-    m.add_argument("--average-last", type=int, default=1, metavar="K",
-                   help="with --final-model last: the mean of the last K checkpoints, taken every "
-                        "--valid-every steps (as fairseq's average_checkpoints.py)")
-    e = p.add_argument_group("EM loop and decoding")
-    e.add_argument("--em-iterations", type=int, default=2, help="EM iterations after distillation")
-    e.add_argument("--candidates", type=int, default=20, help="AR N-best candidates per source (E-step)")
-    e.add_argument("--kd-beam", type=int, default=5, help="beam of the AR outputs that train NAR models")
-    e.add_argument("--em-init", choices=["scratch", "warm"], default="scratch",
-                   help="each EM iteration's models start from scratch or from the previous iteration's")
-    e.add_argument("--beam", type=int, default=5, help="AR beam size when evaluating")
-    e.add_argument("--alpha", type=float, help="length penalty exponent of AR beam search and rescoring "
-                                               "(default: 1.4, the paper's IWSLT14 value, with the iwslt preset; else 1.0)")
-    e.add_argument("--length-beam", type=int, default=5, help="NAR length candidates with AR rescoring")
-    e.add_argument("--quality-margin", type=margin_value, default=1.0, metavar="NATS|none",
-                   help="the E-step's set Q keeps the N-best candidates within this many nats (length-normalised "
-                        "AR score) of the AR model's best; 'none' keeps all N, as the official code")
-    e.add_argument("--selection", choices=["nar", "random", "ar-top1"], default="nar",
-                   help="E-step choice within Q: the NAR model's favourite (the paper), or a control: a random "
-                        "candidate, or the AR model's own top-1")
-    e.add_argument("--speed-sentences", type=int, default=50,
-                   help="test sentences timed at batch size 1 for the speed-up column")
-    e.add_argument("--examples", type=int, default=2,
-                   help="test sentences printed as text after each stage, with one source's E-step "
-                        "candidates (0: none)")
-    r = p.add_argument_group("run")
-    r.add_argument("--out", help="run directory (default: runs/<data>-<preset>); re-running resumes it")
-    r.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
-    r.add_argument("--seed", type=int, default=1, help="seed of the toy data, the weights and the batches")
-    r.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                   help="run the pipeline once per seed (in OUT/seed<N>) and print each stage's mean, min and max")
-    r.add_argument("--controls", action="store_true",
-                   help="with --seeds: also run the E-step controls (random and AR top-1 selection) on every seed")
-    r.add_argument("--margin-study", action="store_true",
-                   help="read a finished run (--out and its options) and print how each quality margin "
-                        "shapes its first E-step (Q's size, the selections, their quality), then exit")
-    r.add_argument("--benchmark", action="store_true",
-                   help="measure AR/NAR training throughput and N-best beam search speed on a real corpus "
-                        "(--data-dir, default ../shared/data/iwslt14.de-en), then exit")
-    r.add_argument("--benchmark-steps", type=int, default=20, help="training steps timed per model")
-    r.add_argument("--benchmark-sentences", type=int, default=200, help="sentences decoded for N-best speed")
-    return p
-
-
-def train_config(args, preset):
-    """The TrainConfig of a preset, with the command line's overrides."""
-    values = dict(TRAIN_PRESETS[preset])
-    for name in ("ar_steps", "nar_steps", "max_tokens", "lr", "warmup", "valid_every"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    return TrainConfig(**values, update_freq=args.update_freq, final_model=args.final_model,
-                       average_last=args.average_last, dropout=args.dropout, seed=args.seed,
-                       device=process_device(args.device))
-
-
+# ----- torchrun: one process per device ----------------------------------------------------------
 def process_device(name):
-    """The device of this process: under torchrun on CUDA, the GPU of its local rank."""
+    """The device of this process: under torchrun on CUDA, the GPU of its local rank, whatever GPU the
+    command line named (each process owns one)."""
     device = pick_device(name)
-    if distributed() and device == "cuda":
+    if distributed() and torch.device(device).type == "cuda":
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return device
 
@@ -538,131 +449,17 @@ def start_processes(device_name):
     is long because the other processes wait while rank 0 alone learns the BPE or evaluates a stage."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return
-    cuda = pick_device(device_name) == "cuda"
+    cuda = torch.device(pick_device(device_name)).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
 
 
-def benchmark(args):
-    """Throughput on a real corpus (default: ../shared/data/iwslt14.de-en), on this machine:
-    target tokens/s of AR and NAR training steps for a preset at a token budget, and sentences/s of
-    N-best beam search (N = --candidates), the EM loop's most expensive decoding. Random weights: the
-    AR model's <eos> is pushed down until the forced end at the reference length, so beam search does
-    as many steps as a trained model would."""
-    from data import load_corpus_dir, DataError, pad_batch
-    from decode import ar_beam_search
-    from em_nat import SHARED_IWSLT
-    from model import EOS, build_model, model_config
-    data_dir = args.data_dir or SHARED_IWSLT
-    preset = args.preset or "iwslt"
-    cfg = train_config(args, preset)
-    if args.max_tokens is None:
-        cfg.max_tokens = 4096                                 # the yardstick's batch size
-    try:
-        start = time.perf_counter()
-        corpus = load_corpus_dir(data_dir, args.src, args.tgt, args.bpe_merges,
-                                 model_config(preset, 0, "ar").max_len, log=lambda *a: None)
-        bpe_seconds = time.perf_counter() - start
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    pairs = corpus.ids("train")
-    print(f"benchmark: {corpus.name}, {len(pairs)} training pairs, vocabulary {len(corpus.vocab)} "
-          f"(BPE {args.bpe_merges} merges, learned and applied in {bpe_seconds:.1f} s), preset {preset}, "
-          f"{cfg.max_tokens}-token batches, device {cfg.device}, {torch.get_num_threads()} threads")
-    batches = make_batches([max(len(s), len(t)) + 1 for s, t in pairs], cfg.max_tokens, random.Random(0))
-    rows = [(f"a {cfg.max_tokens}-token batch holds (mean over {len(batches)})",
-             f"{len(pairs) / len(batches):,.1f} pairs, {sum(len(t) + 1 for _, t in pairs) / len(batches):,.0f} "
-             f"target tokens")]                               # +1: <eos>, which the AR model also predicts
-    for kind in ("ar", "nar"):
-        torch.manual_seed(0)
-        model = build_model(model_config(preset, len(corpus.vocab), kind), cfg.device).train()
-        optimizer = make_optimizer(model, cfg)
-        tokens, seconds = 0, 0.0
-        for i, batch in enumerate(tqdm(batches[:args.benchmark_steps + 3], desc=f"train {kind}", leave=False)):
-            start = time.perf_counter()
-            src, tgt = collate([pairs[j] for j in batch], cfg.device)
-            loss, n = forward_backward(model, src, tgt, cfg, f"benchmark {kind}")
-            optimizer_step(model, optimizer, cfg)
-            n = int(n)                                        # waits for the step to finish
-            if i >= 3:                                        # the first steps warm up the allocator
-                tokens += n + (len(batch) if kind == "ar" else 0)   # AR also predicts <eos>, as fairseq counts
-                seconds += time.perf_counter() - start
-        rows.append((f"train {kind.upper()} ({count_parameters(model) / 1e6:.1f}M parameters)",
-                     f"{tokens / seconds:,.0f} target tokens/s"))
-    torch.manual_seed(0)
-    ar = build_model(model_config(preset, len(corpus.vocab), "ar", dropout=0.0), cfg.device).eval()
-    with torch.no_grad():
-        ar.out_bias[EOS] = -1e4
-    valid = corpus.ids("valid")[:args.benchmark_sentences]
-    n = args.candidates
-    start = time.perf_counter()
-    for batch in tqdm(make_batches([len(s) for s, _ in valid], max(cfg.max_tokens * 4 // n, 1)), desc="N-best",
-                      leave=False):
-        src = pad_batch([valid[j][0] for j in batch], cfg.device)
-        out_len = torch.tensor([len(valid[j][1]) for j in batch], device=cfg.device)
-        with torch.no_grad(), autocast_for(cfg.device):
-            ar_beam_search(ar, src, beam=n, nbest=n, max_len=out_len)
-    synchronize(cfg.device)
-    seconds = time.perf_counter() - start
-    rows.append((f"AR {n}-best beam search ({len(valid)} sentences)", f"{len(valid) / seconds:,.1f} sentences/s"))
-    print()
-    for name, figure in rows:
-        print(f"{name:<52} {figure:>34}")
-    return 0
+def stop_processes():
+    if distributed():
+        torch.distributed.destroy_process_group()
 
 
-def run_config(args):
-    """The command line as em_nat's RunConfig: the only place that reads the argparse namespace."""
-    from em_nat import DataConfig, EMConfig, RunConfig
-    preset = args.preset or ("toy" if args.data_dir is None else "iwslt")
-    default_name = "toy" if args.data_dir is None else os.path.basename(os.path.normpath(args.data_dir))
-    alpha = args.alpha if args.alpha is not None else (1.4 if preset == "iwslt" else 1.0)   # the paper: 1.4 on IWSLT14
-    return RunConfig(
-        out=args.out or os.path.join("runs", f"{default_name}-{preset}"), preset=preset, seed=args.seed,
-        data=DataConfig(data_dir=args.data_dir, src=args.src, tgt=args.tgt, bpe_merges=args.bpe_merges,
-                        max_len=args.max_len, max_train_pairs=args.max_train_pairs,
-                        toy_train_size=args.toy_train_size, distillation_targets=args.distillation_targets),
-        train=train_config(args, preset),
-        em=EMConfig(iterations=args.em_iterations, candidates=args.candidates, quality_margin=args.quality_margin,
-                    selection=args.selection, kd_beam=args.kd_beam, beam=args.beam, alpha=alpha,
-                    length_beam=args.length_beam, init=args.em_init, speed_sentences=args.speed_sentences,
-                    examples=args.examples))
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    keep_freed_memory_on_cpu()
-    if args.benchmark:
-        sys.exit(benchmark(args))
-    import em_nat  # the EM pipeline, built on the training loop above
-    from data import DataError
-    from model import CheckpointError
-    start_processes(args.device)
-    if not is_main():
-        sys.stdout = open(os.devnull, "w")                    # one log: rank 0's
-    try:
-        cfg = run_config(args)
-    except ValueError as err:
-        parser.error(str(err))
-    try:
-        if args.margin_study:
-            em_nat.margin_study(cfg)
-        elif args.seeds:
-            selections = ["nar", "random", "ar-top1"] if args.controls else [cfg.em.selection]
-            em_nat.main_seeds(cfg, args.seeds, selections)
-        else:
-            em_nat.main(cfg)
-    except (DataError, CheckpointError, TrainingError) as err:
-        sys.exit(f"error: {err}")
-    except Stopped as stop:
-        sys.exit(str(stop))
-    finally:
-        if distributed():
-            torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":    # `python train.py`: the whole EM pipeline, whose command line is em_nat.py's
+    import em_nat
+    em_nat.main()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import em_nat
+import report
 import train
 from decode import nbest_ids
 from model import ModelConfig, Transformer
@@ -25,7 +26,7 @@ def test_selection_keeps_the_candidate_with_the_highest_nar_score():
     sources = [[rng.randint(4, 11) for _ in range(rng.randint(2, 6))] for _ in range(7)]
     candidates = [[[rng.randint(4, 11) for _ in range(rng.randint(1, 7))] for _ in range(5)] for _ in sources]
     candidates[0][2] = []                                      # an empty AR output can never be chosen
-    run = types.SimpleNamespace(decode_tokens=64, device="cpu")
+    run = types.SimpleNamespace(decode_tokens=64, device="cpu", precision="fp32")
     selected, scores = em_nat.select_by_nar_likelihood(run, nar, sources, candidates)
     for src, cands, chosen, score in zip(sources, candidates, selected, scores):
         direct = [float(nar.score(torch.tensor([src]), torch.tensor([c]))) if c else float("-inf") for c in cands]
@@ -43,6 +44,9 @@ class TableNAR:
         self.w = torch.randint(-32, 32, (12, 12), generator=g) / 8
         self.bonus = torch.randint(-32, 32, (11,), generator=g) / 8
         self.cfg = types.SimpleNamespace(max_len=10)
+
+    def eval(self):
+        return self
 
     def score(self, src, tgt):
         real = tgt != 0                                                     # PAD = 0
@@ -63,7 +67,7 @@ def test_selection_by_a_stand_in_nar_model(seed):
     sets[0][-1] = []                                         # an empty AR output can never be chosen
     sets[1] = [[]]                                           # ... unless it is all there is
     sets[2] = [[5, 6, 7], [7, 6, 5]]                         # equal scores (a permutation): the first
-    run = types.SimpleNamespace(decode_tokens=24, device="cpu")    # several batches
+    run = types.SimpleNamespace(decode_tokens=24, device="cpu", precision="fp32")    # several batches
     selected, scores = em_nat.select_by_nar_likelihood(run, nar, sources, sets)
     for src, cands, chosen, score in zip(sources, sets, selected, scores):
         direct = [nar.direct(src, c) for c in cands]
@@ -87,7 +91,7 @@ def token_log_probs(nar, src, length):
 
 
 def select(nar, src, candidates):
-    run = types.SimpleNamespace(decode_tokens=64, device="cpu")
+    run = types.SimpleNamespace(decode_tokens=64, device="cpu", precision="fp32")
     return em_nat.select_by_nar_likelihood(run, nar, [src], [candidates])[0][0]
 
 
@@ -130,8 +134,8 @@ def test_alignment_entropy_known_answers():
         src = rng.sample(words, 4)
         consistent.append((src, [w + 100 for w in src]))                     # one translation per word
         two_ways.append((src, [w + rng.choice([100, 200]) for w in src]))    # two, chosen at random
-    assert em_nat.alignment_entropy(consistent) < 0.05
-    assert abs(em_nat.alignment_entropy(two_ways) - 1.0) < 0.1
+    assert report.alignment_entropy(consistent) < 0.05
+    assert abs(report.alignment_entropy(two_ways) - 1.0) < 0.1
 
 
 TINY = ["--toy-train-size", "300", "--ar-steps", "60", "--nar-steps", "40", "--valid-every", "20", "--warmup", "20",
@@ -142,11 +146,11 @@ STAGES = ["ar", "nar-raw", "nar-kd", "em1-ar", "em1-nar", "em2-ar", "em2-nar"]
 
 
 def tiny_config(out, extra=()):
-    return train.run_config(train.build_parser().parse_args(TINY + ["--out", str(out), *extra]))
+    return em_nat.run_config(em_nat.build_parser().parse_args(TINY + ["--out", str(out), *extra]))
 
 
 def run_tiny(out, extra=()):
-    em_nat.main(tiny_config(out, extra))
+    em_nat.run_pipeline(tiny_config(out, extra))
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
 
@@ -223,7 +227,7 @@ def test_the_loop_runs_in_the_papers_order(tmp_path):
     out = tmp_path / "run"
     run_tiny(out)
     run = em_nat.Run(tiny_config(out))
-    load = lambda name: em_nat.Stage(run, name).model()
+    load = lambda name: em_nat.LazyModel(run, name).model()
     assert run.read_ids(str(out / "nar-raw" / "train.tgt")) == [t for _, t in run.train_ids]
     assert run.read_ids(str(out / "nar-kd" / "train.tgt")) == em_nat.distil(run, load("ar"))
     for i, (proposer, selector) in enumerate([("ar", "nar-kd"), ("em1-ar", "em1-nar")], start=1):
@@ -245,7 +249,7 @@ def test_the_loop_runs_in_the_papers_order(tmp_path):
 
 def test_controls_share_the_first_stages_and_select_as_they_say(tmp_path):
     cfg = tiny_config(tmp_path, ["--em-iterations", "1", "--quality-margin", "none"])   # Q = all 4 candidates
-    by_stage = em_nat.main_seeds(cfg, [3], ["nar", "random", "ar-top1"])
+    by_stage = em_nat.run_seeds(cfg, [3], ["nar", "random", "ar-top1"])
     assert sorted(by_stage) == sorted((sel, st) for sel in ("nar", "random", "ar-top1") for st in STAGES[:5])
     for stage in ("ar", "nar-raw", "nar-kd"):                          # copied, not retrained
         assert {by_stage[(sel, stage)][0]["bleu"] for sel in ("nar", "random", "ar-top1")} == {
@@ -272,14 +276,15 @@ def test_quality_margin_keeps_the_candidates_near_the_ar_best():
 
 
 def test_target_modes_known_answers():
-    run = types.SimpleNamespace(corpus=em_nat.make_toy_corpus(seed=1, train_size=60))
+    corpus = em_nat.make_toy_corpus(seed=1, train_size=60)
+    run = types.SimpleNamespace(corpus=corpus)
     toy, vocab = run.corpus.toy, run.corpus.vocab
     first_mode = [vocab.encode(toy.valid_translations(s)[0].split()) for s, _ in run.corpus.train]
-    modes = em_nat.target_modes(run, first_mode)
+    modes = report.target_modes(corpus, first_mode)
     assert modes["mode_entropy"] == 0.0 and modes["invalid"] == 0.0 and modes["mode_shares"][0] == 100.0
     mixed = [vocab.encode(toy.valid_translations(s)[i % 2].split()) if i < 40 else [4]
              for i, (s, _) in enumerate(run.corpus.train)]
-    modes = em_nat.target_modes(run, mixed)
+    modes = report.target_modes(corpus, mixed)
     assert abs(modes["mode_entropy"] - 1.0) < 1e-9 and abs(modes["invalid"] - 100 / 3) < 1e-9
 
 
@@ -288,17 +293,17 @@ def test_a_run_directory_refuses_other_settings(tmp_path):
     for changed in (["--seed", "2"], ["--alpha", "1.4"], ["--kd-beam", "3"], ["--length-beam", "3"],
                     ["--quality-margin", "none"], ["--selection", "random"]):
         with pytest.raises(em_nat.CheckpointError, match="other settings"):  # a clear error, not a mixed run
-            em_nat.main(tiny_config(tmp_path / "r", ["--em-iterations", "0", *changed]))
+            em_nat.run_pipeline(tiny_config(tmp_path / "r", ["--em-iterations", "0", *changed]))
 
 
 def test_printed_examples_mark_repeats_and_validity():
-    run = types.SimpleNamespace(corpus=em_nat.make_toy_corpus(seed=1, train_size=20))
-    vocab, toy = run.corpus.vocab, run.corpus.toy
-    src, valid = run.corpus.train[0]                          # a valid translation, words in the vocabulary
+    corpus = em_nat.make_toy_corpus(seed=1, train_size=20)
+    vocab = corpus.vocab
+    src, valid = corpus.train[0]                              # a valid translation, words in the vocabulary
     repeated = vocab.encode(valid[:1] + valid[:1] + valid[1:])
-    assert em_nat.marked_text(run, repeated) == " ".join(valid[:1] + [f"[{valid[0]}]"] + valid[1:])
-    assert em_nat.validity(run, src, " ".join(valid)) == "   (valid)"
-    assert em_nat.validity(run, src, " ".join(valid[:1] + valid)) == "   (invalid)"
-    bpe_run = types.SimpleNamespace(corpus=types.SimpleNamespace(vocab=em_nat.Vocab.build([["a@@", "b", "c"]]), is_bpe=True))
-    ids = bpe_run.corpus.vocab.encode(["a@@", "b", "a@@", "a@@", "b", "c", "c"])
-    assert em_nat.marked_text(bpe_run, ids) == "ab a[a]b c [c]"
+    assert report.marked_text(corpus, repeated) == " ".join(valid[:1] + [f"[{valid[0]}]"] + valid[1:])
+    assert report.validity_mark(corpus, src, " ".join(valid)) == "   (valid)"
+    assert report.validity_mark(corpus, src, " ".join(valid[:1] + valid)) == "   (invalid)"
+    bpe_corpus = types.SimpleNamespace(vocab=em_nat.Vocab.build([["a@@", "b", "c"]]), is_bpe=True)
+    ids = bpe_corpus.vocab.encode(["a@@", "b", "a@@", "a@@", "b", "c", "c"])
+    assert report.marked_text(bpe_corpus, ids) == "ab a[a]b c [c]"

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
+import em_nat
 import train
 from data import DataError, Vocab
-from decode import load_translator
+from decode import load_rescorer, load_translator
 from model import CheckpointError, ModelConfig, Transformer, load_checkpoint, save_atomic, save_checkpoint, SPECIALS
 from train import TrainConfig, TrainingError, train_model
 
@@ -156,17 +157,15 @@ def test_an_empty_validation_set_is_an_error(tmp_path):
     for split in ("train", "valid"):
         (tmp_path / f"{split}.de").write_text("a b c d e f\n" * 5)
         (tmp_path / f"{split}.en").write_text("x y z w v u\n" * 5)
-    args = train.build_parser().parse_args(["--data-dir", str(tmp_path), "--bpe-merges", "0", "--max-len", "5",
+    args = em_nat.build_parser().parse_args(["--data-dir", str(tmp_path), "--bpe-merges", "0", "--max-len", "5",
                                             "--out", str(tmp_path / "run")])
     (tmp_path / "train.de").write_text("a b\n" * 5)
     (tmp_path / "train.en").write_text("x y\n" * 5)
-    import em_nat
     with pytest.raises(DataError, match="none of the 5 validation pairs is within --max-len 5"):
-        em_nat.Run(train.run_config(args))
+        em_nat.Run(em_nat.run_config(args))
 
 
 def test_a_rescorer_from_another_run_is_refused(tmp_path):
-    from decode import load_rescorer
     ar_dir = tmp_path / "ar"
     save_checkpoint(tiny_model(), str(ar_dir))
     Vocab(SPECIALS + [f"w{i}" for i in range(10)]).save(str(ar_dir / "vocab.txt"))
