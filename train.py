@@ -384,54 +384,66 @@ def remove_loop_files(out_dir):
 def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc="train", meta=None):
     """Train `model` on id pairs; keep the stage's model (cfg.final_model: the last step's weights, their
     mean with earlier checkpoints, or the lowest validation loss) in out_dir as model.pt + config.json
-    and return the model with those weights and a summary dict.
+    and return the model with those weights (in eval mode) and a summary dict.
     out_dir/resume.pt holds the loop's state at every validation and at Ctrl-C: a later call with the
     same out_dir continues from it and reaches the same weights as an uninterrupted run."""
     check_pairs(train_pairs, valid_pairs, desc)
     os.makedirs(out_dir, exist_ok=True)
-    steps, resume_path = cfg.steps_for(model.cfg.kind), os.path.join(out_dir, "resume.pt")
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt(cfg.warmup))
+    # Resume: weights, optimizer moments, schedule, RNG and the position in the batch stream all come
+    # back, so the remaining steps are exactly those an uninterrupted run would take.
+    resume_path = os.path.join(out_dir, "resume.pt")
     position = restore_resume_state(resume_path, model, optimizer, scheduler)
     if position["step"]:
-        print(f"{desc}: resuming at step {position['step']} of {steps}")
-    lengths = [max(len(s), len(t)) + 1 for s, t in train_pairs]    # +1: <bos>/<eos> or the summary slot
+        print(f"{desc}: resuming at step {position['step']} of {cfg.steps_for(model.cfg.kind)}")
     meta = dict(meta or {}, train=asdict(cfg))
-    model.train()
-    net = data_parallel(model)
-    bar = tqdm(total=steps, initial=position["step"], desc=desc, leave=False, dynamic_ncols=True, disable=not is_main())
     with graceful_interrupt() as interrupt:
-        batches = remaining_batches(lengths, cfg, position)
-        while position["step"] < steps:
-            start = time.perf_counter()
-            micro_batches = [collate([train_pairs[i] for i in batch], cfg.device)
-                             for batch in update_batches(batches, cfg)]
-            loss, n_tokens = train_step(net, optimizer, scheduler, micro_batches, cfg, desc, out_dir,
-                                        position["step"] + 1)
-            position["step"] += 1
-            position["tokens"] += n_tokens
-            position["seconds"] += time.perf_counter() - start
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{position['tokens'] / position['seconds']:.0f}")
-            done, stop = position["step"] >= steps, any_rank(interrupt["stop"])
-            if done or position["step"] % cfg.valid_every == 0:
-                valid = validation_loss(model, valid_pairs, cfg)
-                keep_checkpoint(model, out_dir, cfg, position["step"], valid < position["best"], meta)
-                position["best"] = min(position["best"], valid)
-                bar.write(f"{desc}: step {position['step']}  train loss {loss:.3f}  valid loss {valid:.3f}  "
-                          f"best {position['best']:.3f}")
-            if (done or stop or position["step"] % cfg.valid_every == 0) and is_main():
-                save_resume_state(resume_path, model, optimizer, scheduler, position)
-            if stop:
-                bar.close()
-                raise Stopped(f"stopped at step {position['step']} of {desc}; run the same command again to resume")
-    bar.close()
+        training_loop(model, optimizer, scheduler, position, train_pairs, valid_pairs, cfg, out_dir, desc, meta,
+                      interrupt)
     barrier()                                                 # the other processes read what rank 0 saved
     model = finish_model(model, out_dir, cfg, meta)
     valid = position["best"] if cfg.final_model == "best" else validation_loss(model, valid_pairs, cfg)
     return model, {"steps": position["step"], "valid_loss": valid,
                    "tokens_per_s": position["tokens"] / max(position["seconds"], 1e-9),
                    "parameters": count_parameters(model)}
+
+
+def training_loop(model, optimizer, scheduler, position, train_pairs, valid_pairs, cfg, out_dir, desc, meta,
+                  interrupt):
+    """The steps from `position` to the end: one update per step; every valid_every steps (and at the
+    last) a validation, a checkpoint and the resume state. Raises Stopped after the step during which
+    any process saw Ctrl-C, its state saved."""
+    steps, resume_path = cfg.steps_for(model.cfg.kind), os.path.join(out_dir, "resume.pt")
+    lengths = [max(len(s), len(t)) + 1 for s, t in train_pairs]    # +1: <bos>/<eos> or the summary slot
+    batches = remaining_batches(lengths, cfg, position)
+    model.train()                                                   # dropout on
+    net = data_parallel(model)
+    bar = tqdm(total=steps, initial=position["step"], desc=desc, leave=False, dynamic_ncols=True,
+               disable=not is_main())
+    while position["step"] < steps:
+        start = time.perf_counter()
+        micro_batches = [collate([train_pairs[i] for i in batch], cfg.device) for batch in update_batches(batches, cfg)]
+        loss, n_tokens = train_step(net, optimizer, scheduler, micro_batches, cfg, desc, out_dir, position["step"] + 1)
+        position["step"] += 1
+        position["tokens"] += n_tokens
+        position["seconds"] += time.perf_counter() - start
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{position['tokens'] / position['seconds']:.0f}")
+        # Every process must agree to stop at the same step, or DDP's next all-reduce would hang.
+        done, stop = position["step"] >= steps, any_rank(interrupt["stop"])
+        if done or position["step"] % cfg.valid_every == 0:
+            valid = validation_loss(model, valid_pairs, cfg)                # dropout off, then on again
+            keep_checkpoint(model, out_dir, cfg, position["step"], valid < position["best"], meta)
+            position["best"] = min(position["best"], valid)
+            bar.write(f"{desc}: step {position['step']}  train loss {loss:.3f}  valid loss {valid:.3f}  "
+                      f"best {position['best']:.3f}")
+        if (done or stop or position["step"] % cfg.valid_every == 0) and is_main():
+            save_resume_state(resume_path, model, optimizer, scheduler, position)
+        if stop:
+            bar.close()
+            raise Stopped(f"stopped at step {position['step']} of {desc}; run the same command again to resume")
+    bar.close()
 
 
 # ----- torchrun: one process per device ----------------------------------------------------------
