@@ -127,11 +127,30 @@ def best_extensions(scores, logits, log_norm, width):
 
 def beam_step(state, logits, step, beam, alpha):
     """One step of beam search with a finished set (GNMT, fairseq, the official beamsearch.py), for every
-    sentence at once. logits: (n * beam, vocab) next-token logits of the live hypotheses, the tokens
-    never emitted at -inf. Of the 2 * beam best extensions, those that end in <eos> join the sentence's
-    finished set, ranked by their length-normalised score; the beam best that do not end stay live.
+    sentence at once (n sentences, k = beam hypotheses each). logits: (n * k, vocab) next-token logits of
+    the live hypotheses, row i * k + j holding hypothesis j of sentence i, the tokens never emitted at
+    -inf. Of the 2k best extensions by raw log-probability, those that end in <eos> join the sentence's
+    finished set, ranked by their length-normalised score; the k best that do not end stay live.
     So a finished hypothesis never takes a live slot, and never competes on its raw log-probability.
-    Returns the new state and the rows (n * beam,) the live hypotheses came from."""
+
+    What ar_beam_search and the tests expect of it:
+    - A token's log-probability is its logit minus the log-sum-exp of its row, taken over the row as
+      given, before anything is forbidden. At a sentence's length limit (step >= state.max_len) only
+      <eos> may follow (allow_only_eos), and that forced <eos> keeps its real log-probability (the
+      same normaliser), not log 1 = 0. best_extensions finds the best extensions without a full
+      log-softmax.
+    - Finished set: fin_tokens (n, k, steps) holds each finished output without <bos> and <eos>,
+      PAD-padded; fin_scores (n, k) its raw log-probability (the <eos> included) over
+      length_penalty(step + 1, alpha), best first, -inf where the set holds fewer than k.
+    - Live hypotheses: tokens (n * k, step + 2) are the parents' rows with the new token appended, scores
+      (n, k) their raw log-probabilities, best first, -inf for an empty slot.
+    - Stop test (exact): a sentence is done when its best live raw score over state.bound (the penalty
+      of its longest allowed output) is <= its k-th finished score. A done sentence is signalled by
+      all k of its live scores set to -inf: that is what ar_beam_search reads.
+    - rows (n * k,): for each new live hypothesis, the row of logits (and of the model's cache) it
+      extends, over the whole batch: sentence i's rows lie in i * k ... i * k + k - 1. ar_beam_search
+      reorders the model's cache with them, so that every hypothesis goes on reading its own history.
+    Returns the new state and rows."""
     # >>> exercise 6: beam search with a finished set
     n, k, steps = state.scores.size(0), beam, state.fin_tokens.size(2)
     log_norm = logits.logsumexp(dim=1, keepdim=True)                      # (n * beam, 1) softmax normaliser
@@ -168,7 +187,10 @@ def ar_beam_search(model, src, beam=5, alpha=1.0, nbest=1, max_len=None):
     sentence gets `beam` finished hypotheses (when its output space holds that many).
     The beams of a sentence share one copy of its encoder states. Every EARLY_STOP_EVERY steps, one
     host sync asks which sentences are done; those leave the batch, so the work shrinks as they end.
-    The last step allows only <eos>, so every search is done by then and has left the batch."""
+    The last step allows only <eos>, so every search is done by then and has left the batch.
+    After every beam_step the model's cache is reordered by the rows it returns (model.reorder_cache):
+    the cache row of a hypothesis must hold its own prefix. A sentence is done when beam_step has set
+    all its live scores to -inf."""
     if not 1 <= nbest <= beam:
         raise ValueError(f"nbest must be between 1 and the beam size {beam}, not {nbest}")
     b, k, device = src.size(0), beam, src.device

@@ -2,7 +2,8 @@
 
 Classroom grading: a test marked `@pytest.mark.exercise(N)` grades exercise N (README, "Exercises");
 `python -m pytest --exercise N` runs only those. With EM_NAT_GRADE_REPORT=path, the outcome of every
-grading test is written there as JSON (tests/test_classroom.py reads it)."""
+grading test is written there as JSON (the teacher's classroom test reads it); a grading test that
+fails or is skipped has not passed: a skipped one graded nothing."""
 import json
 import os
 import sys
@@ -38,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_logreport(report):
-    if report.nodeid in GRADES and report.failed:
+    if report.nodeid in GRADES and (report.failed or report.skipped):
         GRADES[report.nodeid]["passed"] = False
 
 

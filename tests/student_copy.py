@@ -1,8 +1,9 @@
 """A student's copy of em-nat, for classroom assignments: the project with the solution of chosen
-exercises cut out.
+exercises cut out, and nothing of them left elsewhere.
 
     python tests/student_copy.py ../em-nat-student              # every exercise
     python tests/student_copy.py ../em-nat-student -e 4 6       # only ODD Viterbi and beam search
+    python tests/student_copy.py ../em-nat-student --with-expected-figures   # README.md ships too
     python tests/student_copy.py --list                         # the exercises and where they are
 
 The solutions are marked in the source by comment lines
@@ -12,12 +13,24 @@ The solutions are marked in the source by comment lines
     # <<< exercise 4
 
 and an exercise may have several such regions (in one file or several). In the copy, every region of a
-chosen exercise becomes one line that raises NotImplementedError naming the exercise; the rest of the
+chosen exercise becomes one line that raises NotImplementedError naming the exercise (a region of whole
+functions at module level keeps each function's signature and docstring, its body that line); the rest of the
 project is copied as it is, so it imports and runs, and `python -m pytest --exercise 4` grades the
-student's work (README, "Exercises"). tests/test_classroom.py proves that each exercise's grading
-tests fail on its stub, and only there.
+student's work. The same markers in tests/*.py wrap the tests' own slow reference implementations of an
+exercise (tests/test_decode.py's plain_beam_search): in the copy such a region becomes a pytest.skip
+line, so the reference is not handed out and the tests that need it skip, saying why. Grading tests
+(@pytest.mark.exercise) must not need such a reference.
+
+Teacher tools (this file, tests/test_classroom.py) and the project's README (expected figures, answers
+to the experiments) stay out of the copy. The copy's README.md is written from
+docs/classroom_student.md: the copy's exercises and where their stubs are, how to grade them, and the
+README's reading order, exercise table and map; --with-expected-figures adds the project's README as
+README-reference.md. tests/test_classroom.py proves that each exercise's grading tests fail on its
+stub, and only there, that grading passes exactly for the solved exercises as a student solves them one
+by one, and that plausible wrong solutions fail their exercise's grading.
 """
 import argparse
+import ast
 import os
 import re
 import shutil
@@ -25,8 +38,11 @@ import sys
 from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ("model.py", "data.py", "decode.py", "em_nat.py", "train.py")
-PROJECT_FILES = ("README.md", "requirements.txt", "pytest.ini") + MODULES
+MODULES = tuple(name for name in ("model.py", "data.py", "decode.py", "em_nat.py", "train.py", "report.py")
+                if os.path.isfile(os.path.join(ROOT, name)))
+PROJECT_FILES = ("requirements.txt", "pytest.ini")       # copied as they are (the modules: stubbed)
+TEACHER_FILES = ("student_copy.py", "test_classroom.py")  # in tests/, never in a copy
+STUDENT_README = os.path.join("docs", "classroom_student.md")
 START = re.compile(r"^(\s*)# >>> exercise (\d+): (.+?)\s*$")
 END = re.compile(r"^\s*# <<< exercise (\d+)\s*$")
 
@@ -67,19 +83,115 @@ def list_exercises(root=ROOT):
     return {n: tuple(found[n]) for n in sorted(found)}
 
 
-def stub_file(path, chosen):
-    """The text of `path` with every region of the `chosen` exercises replaced by a raise."""
+def stub_file(path, chosen, is_test=False):
+    """The text of `path` with every region of the `chosen` exercises replaced by a raise (a module) or
+    by a pytest.skip (is_test: a test file's reference implementation of the exercise)."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     for number, title, indent, first, last in reversed(exercise_regions(path)):
         if number in chosen:
-            message = (f"exercise {number} ({title}): write this part; README 'Exercises' says what, "
-                       f"and `python -m pytest --exercise {number}` grades it")
-            lines[first:last + 1] = [f"{indent}raise NotImplementedError({message!r})"]
-    return "\n".join(lines)
+            if is_test:
+                reason = (f"the teacher's reference for exercise {number} ({title}) is not in the student "
+                          f"copy, and this test needs it")
+                lines[first:last + 1] = [f"{indent}pytest.skip({reason!r})"]
+            else:
+                message = (f"exercise {number} ({title}): write this part; README 'Exercises' says what, "
+                           f"and `python -m pytest --exercise {number}` grades it")
+                raise_line = f"raise NotImplementedError({message!r})"
+                if indent:                                    # a part of a function body
+                    lines[first:last + 1] = [f"{indent}{raise_line}"]
+                else:                                         # whole functions: their heads stay
+                    lines[first:last + 1] = stub_functions(lines[first + 1:last], raise_line, f"{path}:{first + 1}")
+    text = "\n".join(lines)
+    if is_test and "pytest.skip(" in text and not re.search(r"^import pytest$", text, re.M):
+        raise MarkerError(f"{path}: a stubbed reference becomes pytest.skip, but the file does not import pytest")
+    return text
 
 
-def write_student_copy(dest, exercises=None, root=ROOT):
+def stub_functions(lines, raise_line, where):
+    """A module-level region of whole functions -> each function's decorators, signature and docstring,
+    with a body that is `raise_line`: the copy still imports, and the docstrings (the task) ship."""
+    tree = ast.parse("\n".join(lines))
+    out = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            raise MarkerError(f"{where}: a module-level exercise region may hold only functions, not "
+                              f"{type(node).__name__} (line {node.lineno} of the region)")
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+        body = node.body[0]
+        has_doc = isinstance(body, ast.Expr) and isinstance(body.value, ast.Constant) and isinstance(body.value.value, str)
+        head_end = body.end_lineno if has_doc else body.lineno - 1
+        body_indent = lines[body.lineno - 1][:len(lines[body.lineno - 1]) - len(lines[body.lineno - 1].lstrip())]
+        out += ([""] * 2 if out else []) + lines[first:head_end] + [body_indent + raise_line]
+    return out
+
+
+def shipped_test_files(root=ROOT):
+    """The test files that ship in a copy (tests/, without the teacher's tools)."""
+    return sorted(name for name in os.listdir(os.path.join(root, "tests"))
+                  if name.endswith(".py") and name not in TEACHER_FILES)
+
+
+def markdown_table(text, heading):
+    """The first markdown table after the line `heading` of a README, as a list of lines."""
+    lines = text.split("\n")
+    if heading not in lines:
+        raise MarkerError(f"README.md has no heading {heading!r}, whose table the student's README shows")
+    start = lines.index(heading) + 1
+    while start < len(lines) and not lines[start].startswith("|"):
+        start += 1
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    if end - start < 3:
+        raise MarkerError(f"README.md: no table under {heading!r}")
+    return lines[start:end]
+
+
+def stub_places(dest):
+    """{exercise: ["file:line (in function)", ...]} of the stub lines written in the copy at `dest`."""
+    places = defaultdict(list)
+    stub = re.compile(r"^\s*raise NotImplementedError\(['\"]exercise (\d+) \(")
+    for name in MODULES:
+        function = "?"
+        with open(os.path.join(dest, name), encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                d = re.match(r"^\s*def (\w+)", line)
+                function = d[1] if d else function
+                if stub.match(line):
+                    places[int(stub.match(line)[1])].append(f"`{name}` line {i} (in `{function}`)")
+    return places
+
+
+def student_readme(dest, chosen, available, with_expected_figures, root=ROOT):
+    """The copy's README.md: docs/classroom_student.md with this copy's exercises and the README's tables."""
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    with open(os.path.join(root, STUDENT_README), encoding="utf-8") as f:
+        template = f.read()
+    template = template[template.index("-->") + 3:].lstrip("\n")     # the note to the teacher
+    places = stub_places(dest)
+    exercises = "\n".join(f"- **Exercise {n}: {available[n][0]}**: {', '.join(places[n])}" for n in sorted(chosen))
+    table = markdown_table(readme, "### Exercises")
+    rows = [row for row in table[2:] if int(row.split("|")[1]) in chosen]
+    if len(rows) != len(chosen):
+        raise MarkerError(f"README.md's exercise table has rows for {len(rows)} of the exercises {sorted(chosen)}")
+    figures = ("The expected figures, measured on the reference implementation, are in README-reference.md "
+               "(the project's own README)." if with_expected_figures else
+               "This copy gives no expected figures: what you measure is the result, and your seeds' spread tells "
+               "you how far to trust a difference.")
+    return template.format(exercises=exercises, exercise_table="\n".join(table[:2] + rows),
+                           reading_order="\n".join(markdown_table(readme, "### Reading order")),
+                           paper_map="\n".join(markdown_table(readme, "## Map from the paper to the code")),
+                           expected_figures=figures)
+
+
+REFERENCE_NOTE = ("> The reference project's own README, shipped with this copy for its expected figures. Where it\n"
+                  "> speaks of `# >>> exercise` markers, solutions, tests/student_copy.py or tests/test_classroom.py,\n"
+                  "> it describes the teacher's project, not this copy: here README.md says what to do.\n\n")
+
+
+def write_student_copy(dest, exercises=None, root=ROOT, with_expected_figures=False):
     """Copy the project to `dest` with the solutions of `exercises` (default: all) cut out."""
     available = list_exercises(root)
     chosen = set(available) if not exercises else set(exercises)
@@ -88,15 +200,23 @@ def write_student_copy(dest, exercises=None, root=ROOT):
         raise MarkerError(f"no exercise {', '.join(map(str, unknown))}; the exercises are {sorted(available)}")
     if os.path.exists(dest) and os.listdir(dest):
         raise FileExistsError(f"{dest} exists and is not empty; choose a new directory")
-    os.makedirs(dest, exist_ok=True)
+    os.makedirs(os.path.join(dest, "tests"), exist_ok=True)
     for name in PROJECT_FILES:
         if os.path.isfile(os.path.join(root, name)):
             shutil.copy2(os.path.join(root, name), os.path.join(dest, name))
-    shutil.copytree(os.path.join(root, "tests"), os.path.join(dest, "tests"),
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in MODULES:
         with open(os.path.join(dest, name), "w", encoding="utf-8") as f:
             f.write(stub_file(os.path.join(root, name), chosen))
+    for name in shipped_test_files(root):
+        with open(os.path.join(dest, "tests", name), "w", encoding="utf-8") as f:
+            f.write(stub_file(os.path.join(root, "tests", name), chosen, is_test=True))
+    with open(os.path.join(dest, "README.md"), "w", encoding="utf-8") as f:
+        f.write(student_readme(dest, chosen, available, with_expected_figures, root))
+    if with_expected_figures:
+        with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        with open(os.path.join(dest, "README-reference.md"), "w", encoding="utf-8") as f:
+            f.write(REFERENCE_NOTE + readme)
     return sorted(chosen)
 
 
@@ -105,6 +225,9 @@ def main(argv=None):
     p.add_argument("dest", nargs="?", help="directory of the copy (new or empty)")
     p.add_argument("-e", "--exercises", type=int, nargs="+", metavar="N",
                    help="the exercises to cut out (default: all)")
+    p.add_argument("--with-expected-figures", action="store_true",
+                   help="also ship the project's README (expected figures, answers to the experiments) as "
+                        "README-reference.md")
     p.add_argument("--list", action="store_true", help="list the exercises and where they are, then exit")
     args = p.parse_args(argv)
     if args.list or not args.dest:
@@ -112,11 +235,11 @@ def main(argv=None):
             print(f"exercise {number}: {title:<42} {', '.join(places)}")
         return
     try:
-        chosen = write_student_copy(args.dest, args.exercises)
+        chosen = write_student_copy(args.dest, args.exercises, with_expected_figures=args.with_expected_figures)
     except (MarkerError, FileExistsError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {args.dest} with exercises {', '.join(map(str, chosen))} to write; "
-          f"grade one with `python -m pytest --exercise N` there")
+          f"grade one with `python -m pytest --exercise N` there (its README.md says so)")
 
 
 if __name__ == "__main__":

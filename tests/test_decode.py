@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import decode
 from decode import (BeamState, beam_step, ar_beam_search, ar_greedy, detokenize, length_penalty, length_window,
                     nar_decode, npd_scores, odd_viterbi,
                     nbest_ids, translate_ids, translate_lines, build_parser)
@@ -56,6 +57,21 @@ def test_odd_removes_a_repeat_that_argmax_makes():
     assert abs(float(score) - (-0.7)) < 1e-6
 
 
+@pytest.mark.exercise(4)
+def test_odd_needs_the_third_best_token_of_a_position():
+    # Position 1's two best tokens (4 and 5) are its neighbours' choices: only its third best (6) is
+    # allowed, so a Viterbi over the top 2 tokens per position must give up a neighbour's best instead
+    # ([7, 4, 5], score -11.1) of the optimum [4, 6, 5] (score -3.2).
+    logp = torch.full((2, 3, 8), -20.0)
+    logp[:, 0, 4] = -0.1                                       # left neighbour: 4, far ahead of the rest
+    logp[:, 2, 5] = -0.1                                       # right neighbour: 5
+    logp[:, 1, 4], logp[:, 1, 5], logp[:, 1, 6] = -1.0, -2.0, -3.0
+    logp[:, 0, 7] = logp[:, 2, 7] = -10.0                      # the neighbours' second choices are poor
+    tokens, score = odd_viterbi(logp, torch.tensor([3, 2]))
+    assert tokens.tolist() == [[4, 6, 5], [4, 5, PAD]]        # row 2 has length 2: no right neighbour
+    assert score.tolist() == pytest.approx([-3.2, -2.1])
+
+
 def decoding_log_probs(model, src_row, prefixes):
     """Next-token log-probabilities (as decoders see them) after each prefix, by a full teacher-forced
     pass: no cache, no batching of hypotheses across sentences. src_row: (1, src_len)."""
@@ -79,11 +95,14 @@ def reference_beam_search(model, src_row, beam, alpha, max_len):
 
 
 def plain_beam_search(next_log_probs, beam, alpha, max_len):
-    """A slow, plain beam search with a finished set, for one sentence: lists of (tokens, score).
-    next_log_probs(prefixes) -> (len(prefixes), vocab) log-probabilities of the next token.
-    Each step: the 2*beam best extensions of the live hypotheses; those ending in <eos> join the
-    finished list (ranked by score / length penalty); the beam best others stay live. At max_len
-    tokens only <eos> may follow. Stop when no live hypothesis can beat the beam-th finished one."""
+    """The tests' slow reference for beam search with a finished set, for one sentence, on lists: the
+    `beam` best finished outputs as (tokens, score), best first. next_log_probs(prefixes) ->
+    (len(prefixes), vocab) log-probabilities of the next token. A student's copy holds no reference of
+    an exercise it cuts out: there this body is a skip, and so are the tests that need it."""
+    # >>> exercise 6: beam search with a finished set
+    # Each step: the 2*beam best extensions of the live hypotheses; those ending in <eos> join the
+    # finished list (ranked by score / length penalty); the beam best others stay live. At max_len
+    # tokens only <eos> may follow. Stop when no live hypothesis can beat the beam-th finished one.
     penalty = lambda n: ((5.0 + n) / 6.0) ** alpha
     live, finished = [([], 0.0)], []
     for step in range(max_len + 1):
@@ -101,6 +120,7 @@ def plain_beam_search(next_log_probs, beam, alpha, max_len):
         if len(finished) == beam and (not live or live[0][1] / penalty(max_len + 1) <= finished[-1][1]):
             break
     return finished
+    # <<< exercise 6
 
 
 @pytest.mark.parametrize("beam", [1, 2, 3, 4, 5])
@@ -131,59 +151,140 @@ def test_small_beam_in_a_large_output_space_equals_the_reference():
         assert scores[row].tolist() == pytest.approx([score for _, score in expected], abs=1e-5)
 
 
-class BigramLM:
-    """A stand-in AR model for beam search: the next token's logits depend only on the sentence (the
-    first source token picks a table) and the last token, with no cache. Every sequence's probability
-    is known exactly, and nothing of model.py is used (so beam_step is graded on its own)."""
+def test_beams_that_switch_parents_read_the_reordered_cache(monkeypatch):
+    # The other real-model tests use sharpened tiny models whose beams almost never switch parent
+    # hypotheses, so a search that never reordered the cache would pass them. Here, with the default
+    # initialisation's flatter distributions, the beams do switch while live (step 1: sentence 0's
+    # new hypotheses come from its hypotheses [0, 2, 1]; several more later), and the search must still
+    # equal the reference, which recomputes every prefix from scratch without a cache.
+    model = tiny("ar", vocab_size=12, seed=0)
+    with torch.no_grad():
+        model.embed.weight.div_(4.0)                          # undo tiny's sharpening
+    src, max_len, beam = torch.tensor([[4, 5, 6, 7], [8, 9, 10, PAD]]), torch.tensor([6, 6]), 3
+    switches, real_step = [], decode.beam_step
+
+    def recording_step(state, logits, step, k, alpha):
+        new, rows = real_step(state, logits, step, k, alpha)
+        for i, sentence in enumerate(state.index.tolist()):
+            parents = (rows[i * k:(i + 1) * k] - i * k).tolist()
+            if step > 0 and bool((new.scores[i] > float("-inf")).all()) and parents != list(range(k)):
+                switches.append((step, sentence, parents))
+        return new, rows
+
+    monkeypatch.setattr(decode, "beam_step", recording_step)
+    tokens, scores = ar_beam_search(model, src, beam=beam, alpha=1.0, nbest=beam, max_len=max_len)
+    assert switches, "no live beam switched parents: this test would not see a cache left unordered"
+    for row in range(2):
+        expected = reference_beam_search(model, src[row:row + 1], beam, 1.0, int(max_len[row]))
+        assert [[t for t in seq if t != PAD] for seq in tokens[row].tolist()] == [seq for seq, _ in expected]
+        assert scores[row].tolist() == pytest.approx([score for _, score in expected], abs=1e-5)
+
+
+class HistoryLM:
+    """A stand-in AR model for beam search whose next-token logits depend on the sentence (the first
+    source token picks a table) and on the whole prefix, which it reads from its cache: row r of the
+    cache holds every token fed to row r so far, and reorder_cache / shrink_cache move those rows as
+    model.py's do. So a beam step that returns the wrong rows, or a search that never reorders the
+    cache, feeds a hypothesis another one's history and changes the output. Every sequence's
+    probability is known exactly (next_log_probs reads the prefix itself), and nothing of model.py is
+    used (so beam_step is graded on its own)."""
+    CONTEXTS = 97                                            # prefixes are hashed into this many rows
 
     def __init__(self, table):
-        self.table = table                                   # (sentences, vocab, vocab) logits
+        self.table = table                                   # (sentences, CONTEXTS, vocab) logits
 
     def encode(self, src):
         return src[:, :1, None].float(), src[:, :1] != PAD   # "encoder states": the table's index
 
     def new_cache(self):
-        return []
+        return {"history": None}
+
+    def context(self, history):
+        """(rows, steps) tokens fed, <bos> first -> (rows,) the table row of that prefix."""
+        h = torch.zeros(history.size(0), dtype=torch.long)
+        for column in history.unbind(1):
+            h = (h * 31 + column + 1) % self.CONTEXTS
+        return h
 
     def ar_step(self, token, step, enc, enc_keep, cache):
+        history = token[:, None] if cache["history"] is None else torch.cat([cache["history"], token[:, None]], 1)
+        assert history.size(1) == step + 1, "the cache must grow by one step per call"
+        cache["history"] = history
         sentence = enc[:, 0, 0].long().repeat_interleave(token.size(0) // enc.size(0))
-        return self.table[sentence, token]                   # (rows, vocab)
+        return self.table[sentence, self.context(history)]  # (rows, vocab)
 
     def reorder_cache(self, cache, index):
-        pass
+        cache["history"] = cache["history"].index_select(0, index)
 
     def shrink_cache(self, cache, hypotheses, sentences):
-        pass
+        cache["history"] = cache["history"].index_select(0, hypotheses)
 
     def next_log_probs(self, sentence, prefixes):
-        last = torch.tensor([p[-1] if p else BOS for p in prefixes])
-        return self.table[sentence, last].log_softmax(-1)
+        contexts = torch.cat([self.context(torch.tensor([[BOS] + p])) for p in prefixes])
+        return self.table[sentence, contexts].log_softmax(-1)
 
 
-def bigram_lm(sentences, vocab_size, seed):
+def history_lm(sentences, vocab_size, seed):
     g = torch.Generator().manual_seed(seed)
-    table = torch.randn(sentences, vocab_size, vocab_size, generator=g) * 2
+    table = torch.randn(sentences, HistoryLM.CONTEXTS, vocab_size, generator=g) * 2
     table[:, :, [PAD, BOS, UNK]] = float("-inf")             # never emitted
-    return BigramLM(table)
+    return HistoryLM(table)
+
+
+# Known answers of beam search on history_lm(3, 8, seed=beam) for the sources and length limits of
+# BEAM_CASE: {(beam, alpha): per sentence, its `beam` best outputs and scores, best first}. They were
+# computed by plain_beam_search, and test_the_known_answers_are_the_references checks that they still are.
+BEAM_CASE = ([[0, 5], [1, 4], [2, PAD]], [5, 2, 4])
+BEAM_ANSWERS = {
+    (1, 1.0): [
+        [([4, 4, 7, 5, 7], -1.75152)],
+        [([], -0.05349)],
+        [([6], -0.38343)],
+    ],
+    (2, 0.0): [
+        [([], -0.04761), ([6, 5], -5.23949)],
+        [([5, 7], -2.03621), ([4, 4], -2.58854)],
+        [([6, 4, 5, 4], -2.43195), ([6, 4, 7], -2.69318)],
+    ],
+    (3, 1.4): [
+        [([6, 7, 5, 5], -1.0991), ([4], -1.26251), ([6, 7, 5], -1.79369)],
+        [([7, 7], -2.26556), ([5, 6], -2.84202), ([5], -2.86259)],
+        [([4, 7, 5, 5], -1.16697), ([4, 7, 6], -1.37262), ([], -1.51594)],
+    ],
+    (5, 0.6): [
+        [([4], -0.51957), ([4, 5, 5], -3.29726), ([4, 4], -3.71156), ([4, 6, 4], -3.73777), ([6, 4, 4, 4], -3.9131)],
+        [([5], -1.00837), ([], -1.69478), ([5, 7], -2.27787), ([5, 6], -4.54709), ([5, 4], -4.70839)],
+        [([], -0.98792), ([5, 5], -2.76848), ([4, 5, 6, 5], -2.90781), ([4, 5], -2.95872), ([4, 5, 6], -3.19295)],
+    ],
+}
 
 
 @pytest.mark.exercise(6)
-@pytest.mark.parametrize("beam, alpha", [(1, 1.0), (2, 0.0), (3, 1.4), (5, 0.6)])
-def test_beam_search_on_a_bigram_model_equals_the_reference(beam, alpha):
-    lm = bigram_lm(3, vocab_size=8, seed=beam)
-    src, max_len = torch.tensor([[0, 5], [1, 4], [2, PAD]]), torch.tensor([5, 2, 4])
+@pytest.mark.parametrize("beam, alpha", list(BEAM_ANSWERS))
+def test_beam_search_on_a_history_model_gives_the_known_answers(beam, alpha):
+    lm = history_lm(3, vocab_size=8, seed=beam)
+    src, max_len = torch.tensor(BEAM_CASE[0]), torch.tensor(BEAM_CASE[1])
     tokens, scores = ar_beam_search(lm, src, beam=beam, alpha=alpha, nbest=beam, max_len=max_len)
-    for row in range(3):
-        expected = plain_beam_search(lambda p: lm.next_log_probs(row, p), beam, alpha, int(max_len[row]))
-        assert [[t for t in seq if t != PAD] for seq in tokens[row].tolist()] == [seq for seq, _ in expected]
-        assert scores[row].tolist() == pytest.approx([score for _, score in expected], abs=1e-5)
+    for row, expected in enumerate(BEAM_ANSWERS[beam, alpha]):
+        assert [[t for t in seq if t != PAD] for seq in tokens[row].tolist()] == [seq for seq, _ in expected], \
+            f"sentence {row}"
+        assert scores[row].tolist() == pytest.approx([score for _, score in expected], abs=1e-4), f"sentence {row}"
+
+
+@pytest.mark.parametrize("beam, alpha", list(BEAM_ANSWERS))
+def test_the_known_answers_are_the_references(beam, alpha):
+    lm = history_lm(3, vocab_size=8, seed=beam)
+    for row, expected in enumerate(BEAM_ANSWERS[beam, alpha]):
+        got = plain_beam_search(lambda p: lm.next_log_probs(row, p), beam, alpha, BEAM_CASE[1][row])
+        assert [seq for seq, _ in got] == [seq for seq, _ in expected]
+        assert [score for _, score in got] == pytest.approx([score for _, score in expected], abs=1e-4)
 
 
 @pytest.mark.exercise(6)
-def test_a_wide_beam_on_a_bigram_model_returns_the_brute_force_nbest():
+def test_a_wide_beam_on_a_history_model_returns_the_brute_force_nbest():
     # 3 real tokens, at most 3 of them: 40 outputs, all of which fit in a beam of 64, so the 10-best
     # list must be the exact 10 best outputs by length-normalised log-probability.
-    lm = bigram_lm(2, vocab_size=7, seed=9)
+    lm = history_lm(2, vocab_size=7, seed=9)
     tokens, scores = ar_beam_search(lm, torch.tensor([[0], [1]]), beam=64, alpha=1.0, nbest=10,
                                     max_len=torch.tensor([3, 3]))
     outputs = [list(seq) for n in range(4) for seq in itertools.product([4, 5, 6], repeat=n)]
@@ -194,6 +295,50 @@ def test_a_wide_beam_on_a_bigram_model_returns_the_brute_force_nbest():
         best = sorted(outputs, key=normalised, reverse=True)[:10]
         assert [[t for t in seq if t != PAD] for seq in tokens[row].tolist()] == best
         assert scores[row].tolist() == pytest.approx([normalised(s) for s in best], abs=1e-5)
+
+
+def two_sentence_state(tokens, scores, max_len=(10, 10)):
+    """A BeamState of 2 sentences with beam 2, at step tokens.size(1) - 1, with empty finished sets."""
+    max_len = torch.tensor(max_len)
+    return BeamState(index=torch.tensor([0, 1]), max_len=max_len, shortest_limit=int(max_len.min()),
+                     bound=length_penalty(max_len + 1, 1.0), tokens=torch.tensor(tokens),
+                     scores=torch.tensor(scores), fin_tokens=torch.full((2, 2, int(max_len.max()) + 1), PAD),
+                     fin_scores=torch.full((2, 2), float("-inf")))
+
+
+@pytest.mark.exercise(6)
+def test_beam_step_returns_the_rows_the_live_hypotheses_came_from():
+    # Rows are flat over all sentences: hypothesis j of sentence i is row i * beam + j. In sentence 1
+    # both new live hypotheses extend its second hypothesis (row 3); in sentence 0 they swap parents.
+    logits = torch.full((4, 7), float("-inf"))
+    logits[:, EOS] = -5.0
+    logits[0, 4], logits[1, 5] = 0.0, 0.0                      # sentence 0: each parent has one good token
+    logits[2, 4] = -5.0
+    logits[3, 5], logits[3, 6] = 0.0, -0.5                     # sentence 1: its second parent has two
+    state = two_sentence_state([[BOS, 6], [BOS, 4], [BOS, 4], [BOS, 6]], [[-2.0, -1.0], [-3.0, -1.0]])
+    state, rows = beam_step(state, logits, 1, 2, 1.0)
+    assert rows.tolist() == [1, 0, 3, 3]
+    assert state.tokens.tolist() == [[BOS, 4, 5], [BOS, 6, 4], [BOS, 6, 5], [BOS, 6, 6]]
+    norm = math.log(1 + math.exp(-0.5) + math.exp(-5))
+    assert state.scores[1].tolist() == pytest.approx([-1.0 - norm, -1.5 - norm])
+
+
+@pytest.mark.exercise(6)
+def test_the_forced_eos_keeps_its_real_log_probability_and_a_done_sentence_has_no_live_score():
+    # Sentence 0 is at its length limit (2 tokens): only <eos> may follow, at its log-probability under
+    # the whole distribution (normalised before the other tokens are forbidden), not at log 1 = 0.
+    # Its search is then done: every live score of a done sentence is -inf. Sentence 1 goes on.
+    logits = torch.zeros(4, 7)
+    logits[:, [PAD, BOS, UNK]] = float("-inf")                 # 4 emittable tokens: <eos>, 4, 5, 6
+    state = two_sentence_state([[BOS, 4, 5], [BOS, 5, 4], [BOS, 4, 5], [BOS, 5, 4]], [[-1.0, -2.0], [-1.0, -2.0]],
+                               max_len=(2, 10))
+    state, _ = beam_step(state, logits, 2, 2, 1.0)
+    penalty = float(length_penalty(3, 1.0))
+    assert state.fin_scores[0].tolist() == pytest.approx([(-1.0 - math.log(4)) / penalty,
+                                                          (-2.0 - math.log(4)) / penalty])
+    assert state.fin_tokens[0, :, :2].tolist() == [[4, 5], [5, 4]]
+    assert state.scores[0].tolist() == [float("-inf")] * 2
+    assert (state.scores[1] > float("-inf")).all()
 
 
 @pytest.mark.exercise(6)
@@ -340,6 +485,44 @@ def test_nar_length_beam_with_rescoring_picks_the_best_candidate():
         assert got[:len(best)] == best and all(t == PAD for t in got[len(best):])
 
 
+def test_npd_scores_each_candidate_with_its_own_source():
+    # A stand-in rescorer that wants, for each source, the length its first token says (token - 3): the
+    # candidates of a sentence must be scored against that sentence's source, not another's.
+    class WantsTheLengthOfItsSource:
+        def score(self, src, tokens):
+            return torch.where((tokens != PAD).sum(1) == src[:, 0] - 3, 0.0, -100.0)
+
+    nar = tiny("nar", seed=1)
+    src = torch.tensor([[7, 5, 6], [11, 4, 9], [9, 9, 9], [8, 4, PAD]])      # wanted: 4, 8, 6, 5
+    out = nar_decode(nar, src, length_beam=5, rescorer=WantsTheLengthOfItsSource(), lengths=torch.tensor([6] * 4))
+    assert (out != PAD).sum(1).tolist() == [4, 8, 6, 5]
+
+
+def test_nar_length_beam_without_a_rescorer_picks_by_the_nar_score():
+    # Without a rescorer each length candidate is scored by the NAR model itself: log p(T|x) plus its
+    # tokens' log-probabilities, each sentence with its own length distribution. The length head is
+    # sharpened so that the sentences' length predictions differ and decide the pick.
+    nar = tiny("nar", seed=3)
+    with torch.no_grad():
+        nar.length_head.weight.mul_(8.0)
+    src = torch.randint(4, 20, (4, 6), generator=torch.Generator().manual_seed(6))
+    center = torch.tensor([5, 6, 7, 8])
+    chosen = nar_decode(nar, src, length_beam=3, lengths=center)
+    for row in range(4):
+        with torch.no_grad():
+            enc, keep = nar.encode(src[row:row + 1])
+            len_logp = nar.length_logits(enc).float().log_softmax(-1)[0]
+        scored = []
+        for length in range(int(center[row]) - 1, int(center[row]) + 2):
+            cand = nar_decode(nar, src[row:row + 1], lengths=torch.tensor([length]))[:, :length]
+            with torch.no_grad():
+                logp = nar.decoding_log_probs(nar.nar_logits(torch.tensor([length]), enc, keep))[0, :length]
+            scored.append((float(len_logp[length] + logp.gather(1, cand[0][:, None]).sum()), cand[0].tolist()))
+        best = max(scored)[1]
+        got = chosen[row].tolist()
+        assert got[:len(best)] == best and all(t == PAD for t in got[len(best):])
+
+
 def test_nar_uses_the_predicted_length():
     nar = tiny("nar", seed=4)
     src = torch.randint(4, 20, (5, 6), generator=torch.Generator().manual_seed(3))
@@ -364,9 +547,8 @@ def test_batched_decoding_equals_one_sentence_at_a_time(method):
 def test_translate_lines_gives_one_output_per_input_line():
     model = tiny("nar", vocab_size=8)
     vocab = Vocab(SPECIALS + ["a", "b", "c", "d"])
-    args = build_parser().parse_args([])
     lines = ["a b c", "", "zzz unknown words", "a " * 40, "   "]
-    out = translate_lines(lines, model, vocab, None, False, args, None, "cpu")
+    out = translate_lines(lines, model, vocab, None, False)
     assert len(out) == len(lines)
     assert out[1] == "" and out[4] == ""
     assert all(isinstance(o, str) for o in out)
