@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
 import sacrebleu
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ from model import (EOS, PAD, BOS, UNK, CheckpointError, Transformer, keep_freed_
                    model_config, pick_device, precision_context, resolve_precision, synchronize)
 
 EARLY_STOP_EVERY = 4          # beam steps between "are all beams finished?" host checks
-OUTPUT_RATIO, OUTPUT_EXTRA = 1.2, 10    # an AR output holds at most 1.2 |x| + 10 tokens (max_output_len)
+OUTPUT_RATIO, OUTPUT_EXTRA = 1, 20      # an AR output holds at most |x| + 20 tokens, as in the official code
 NEG_INF = float("-inf")
 
 
@@ -352,16 +353,77 @@ def translate_ids(model, sources, method="beam", beam=5, alpha=1.0, length_beam=
     return decode_corpus(model, sources, fn, rows, max_tokens, device, progress, f"decode ({method})", precision)
 
 
+@dataclass
+class NBest:
+    """N-best lists of many sources in flat arrays. As Python lists of ints a token id costs ~45 bytes
+    (a list slot, an int object), here 4 (int32): what keeps the E-step's 20 candidates of every
+    training source in memory at WMT scale. Candidate j of source i is tokens[offsets[i*n+j] :
+    offsets[i*n+j+1]]."""
+    n: int                        # candidates per source
+    tokens: np.ndarray            # int32, every candidate's ids, one after the other
+    offsets: np.ndarray           # int64 (sources * n + 1,)
+    scores: np.ndarray            # float32 (sources, n): length-normalised, best first; -inf: no hypothesis
+
+    def __len__(self):
+        return len(self.scores)
+
+    def candidates(self, i):
+        """Source i's n candidates, as id lists."""
+        bounds = self.offsets[i * self.n:(i + 1) * self.n + 1].tolist()
+        return [self.tokens[a:b].tolist() for a, b in zip(bounds, bounds[1:])]
+
+    def lists(self):
+        """(a list of n id lists per source, a list of n scores per source)."""
+        return [self.candidates(i) for i in range(len(self))], self.scores.tolist()
+
+    @classmethod
+    def from_rows(cls, n, rows):
+        """From one (tokens (n, len) PAD-padded, scores (n,)) pair of arrays per source."""
+        lengths = np.array([(t != PAD).sum(1) for t, _ in rows], dtype=np.int64).reshape(-1)
+        tokens = np.concatenate([t[t != PAD] for t, _ in rows] or [np.zeros(0)]).astype(np.int32)
+        scores = np.array([s for _, s in rows], dtype=np.float32).reshape(-1, n)
+        return cls(n, tokens, np.concatenate([[0], np.cumsum(lengths)]), scores)
+
+    @classmethod
+    def from_lists(cls, n, candidates, scores):
+        flat = [c for cands in candidates for c in cands]
+        lengths = np.array([len(c) for c in flat], dtype=np.int64)
+        tokens = np.array([i for c in flat for i in c], dtype=np.int32)
+        return cls(n, tokens, np.concatenate([[0], np.cumsum(lengths)]), np.array(scores, dtype=np.float32).reshape(-1, n))
+
+    @classmethod
+    def interleave(cls, parts):
+        """The N-best of every source from the shards of several processes (train.shard gives process
+        r the sources r, r + world, ...), in the sources' order."""
+        if len(parts) == 1:
+            return parts[0]
+        n, world = parts[0].n, len(parts)
+        order = [(i % world, i // world) for i in range(sum(map(len, parts)))]
+        rows = []
+        for r, j in order:
+            part = parts[r]
+            bounds = part.offsets[j * n:(j + 1) * n + 1]
+            rows.append((part.tokens[bounds[0]:bounds[-1]], np.diff(bounds), part.scores[j]))
+        tokens = np.concatenate([t for t, _, _ in rows] or [np.zeros(0, dtype=np.int32)]).astype(np.int32)
+        lengths = np.concatenate([l for _, l, _ in rows] or [np.zeros(0, dtype=np.int64)])
+        return cls(n, tokens, np.concatenate([[0], np.cumsum(lengths)]), np.stack([s for _, _, s in rows]))
+
+
 @torch.no_grad()
-def nbest_ids(model, sources, n, alpha=1.0, max_tokens=4096, device="cpu", progress=False, precision="fp32"):
-    """The n best beam-search translations (beam n) of every source, best first: (a list of n id lists
-    per source, a list of their n length-normalised scores per source). The E-step draws Q from these."""
+def nbest(model, sources, n, alpha=1.0, max_tokens=4096, device="cpu", progress=False, precision="fp32"):
+    """The n best beam-search translations (beam n) of every source, best first, with their
+    length-normalised scores, as an NBest. The E-step draws Q from these."""
     def fn(src):
         tokens, scores = ar_beam_search(model, src, beam=n, alpha=alpha, nbest=n)   # (batch, n, out_len)
-        flat = tokens_to_lists(tokens.flatten(0, 1))
-        return [(flat[i * n:(i + 1) * n], row) for i, row in enumerate(scores.tolist())]
-    results = decode_corpus(model, sources, fn, n, max_tokens, device, progress, f"{n}-best", precision)
-    return [cands for cands, _ in results], [scores for _, scores in results]
+        tokens, scores = tokens.cpu().numpy().astype(np.int32), scores.float().cpu().numpy()   # one transfer
+        return list(zip(tokens, scores))
+    return NBest.from_rows(n, decode_corpus(model, sources, fn, n, max_tokens, device, progress, f"{n}-best",
+                                            precision))
+
+
+def nbest_ids(model, sources, n, **options):
+    """nbest as Python lists: (n id lists per source, n scores per source). For small inputs."""
+    return nbest(model, sources, n, **options).lists()
 
 
 @torch.no_grad()

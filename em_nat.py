@@ -30,16 +30,18 @@ import os
 import random
 import shutil
 import sys
+from array import array
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 
 import report
 from data import BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, read_lines, write_text_atomic
-from decode import HelpFormatter, ids_to_text, nbest_ids, score_pairs, sentence_bleu, translate_ids
-from model import (PRECISIONS, PRESETS, CheckpointError, build_model, keep_freed_memory_on_cpu, load_checkpoint,
+from decode import HelpFormatter, NBest, ids_to_text, nbest, score_pairs, sentence_bleu, translate_ids
+from model import (PRECISIONS, PRESETS, UNK, CheckpointError, build_model, keep_freed_memory_on_cpu, load_checkpoint,
                    model_config, resolve_precision)
-from train import (TRAIN_PRESETS, Stopped, TrainConfig, TrainingError, barrier, from_main, gather, is_main,
+from train import (TRAIN_PRESETS, Stopped, TrainConfig, TrainingError, all_parts, barrier, from_main, gather, is_main,
                    process_device, remove_loop_files, shard, start_processes, stop_processes, train_model,
                    world_size)
 
@@ -78,7 +80,7 @@ class EMConfig:
 @dataclass
 class ReportConfig:
     beam: int = 5                 # AR beam when evaluating
-    length_beam: int = 5          # NAR length candidates rescored by the AR model (NPD)
+    length_beam: int = 9          # NAR length candidates rescored by the AR model (NPD; the paper: 9)
     entropy_pairs: int = 20000    # training pairs H(y|x) is measured on (a fixed sample beyond that)
     speed_sentences: int = 50     # test sentences timed at batch size 1 for the speed-up column
     examples: int = 2             # test sentences printed as text after each stage (and one E-step source)
@@ -116,11 +118,10 @@ def first_distillation_targets(run, ar_model):
 
 def ar_nbest(run, ar_model, sources):
     """The AR model's N best beam-search candidates of every source, and their length-normalised
-    scores: what the E-step's Q is drawn from."""
-    candidates, scores = nbest_ids(ar_model, shard(sources), run.em.candidates, alpha=run.em.alpha,
-                                   max_tokens=run.decode_tokens, device=run.device, progress=is_main(),
-                                   precision=run.precision)
-    return gather(candidates), gather(scores)
+    scores (a decode.NBest: compact arrays): what the E-step's Q is drawn from."""
+    part = nbest(ar_model, shard(sources), run.em.candidates, alpha=run.em.alpha, max_tokens=run.decode_tokens,
+                 device=run.device, progress=is_main(), precision=run.precision)
+    return NBest.interleave(all_parts(part))
 
 
 def quality_constrained_set(candidates, ar_scores, margin):
@@ -189,8 +190,7 @@ def select(selection, sets, scores, seed):
 class EStep:
     """What an E-step computed: the targets, and how (the N-best, Q, the NAR scores of Q)."""
     targets: list                 # one per training source
-    candidates: list              # the AR N-best of every source
-    ar_scores: list               # their length-normalised AR scores
+    nbest: NBest                  # the AR N-best of every source, with their length-normalised scores
     sets: list                    # Q of every source
     nar_scores: list              # log p_NAR of every member of Q (-inf: cannot be scored)
 
@@ -198,12 +198,13 @@ class EStep:
 def e_step(run, stage, ar_model, nar_model, iteration):
     """E-step i: Q = AR_{i-1}'s N-best under the quality constraint; the targets = NAR_{i-1}'s choice
     in Q (or a control's). The N-best is saved in the stage's directory and read back on resume."""
-    candidates, ar_scores = run.cached(stage, "candidates.tgt", lambda: ar_nbest(run, ar_model, run.train_sources),
-                                       run.write_nbest, run.read_nbest)
-    sets = [quality_constrained_set(c, s, run.em.quality_margin) for c, s in zip(candidates, ar_scores)]
+    candidates = run.cached(stage, "candidates.tgt", lambda: ar_nbest(run, ar_model, run.train_sources),
+                            run.write_nbest, run.read_nbest)
+    sets = [quality_constrained_set(candidates.candidates(i), candidates.scores[i].tolist(), run.em.quality_margin)
+            for i in range(len(candidates))]
     scores = candidate_nar_scores(run, nar_model, run.train_sources, sets)
     targets = select(run.em.selection, sets, scores, seed=run.cfg.seed * 7919 + iteration)
-    return EStep(targets, candidates, ar_scores, sets, scores)
+    return EStep(targets, candidates, sets, scores)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,12 +327,13 @@ class Run:
             return made, {}
         if is_main() and self.cfg.report.examples:
             q, scores = made.sets[0], made.nar_scores[0]
-            print(report.format_e_step_example(self.corpus, 0, scores, made.candidates[0], made.ar_scores[0], q,
-                                               made.targets[0]))
+            print(report.format_e_step_example(self.corpus, 0, scores, made.nbest.candidates(0),
+                                               made.nbest.scores[0].tolist(), q, made.targets[0]))
         return made.targets, report.candidate_set_notes(self.corpus, made.sets, made.targets)
 
     # ----- files of a run: token ids as text, one sentence per line ---------------------------------
     def write_ids(self, path, targets):
+        """Token id lists as text, one per line (a list, or any iterable of them)."""
         write_text_atomic(path, "".join(" ".join(self.corpus.vocab.decode(t)) + "\n" for t in targets))
 
     def read_ids(self, path):
@@ -347,19 +349,23 @@ class Run:
         with open(path[:-len(".tgt")] + ".json") as f:
             return self.read_ids(path), json.load(f)
 
-    def write_nbest(self, path, value):
+    def write_nbest(self, path, candidates):
         """The N-best as candidates.scores (a score per line), then candidates.tgt (the cache looks for it)."""
-        candidates, scores = value
-        write_text_atomic(path[:-len(".tgt")] + ".scores", "".join(f"{s:.6f}\n" for row in scores for s in row))
-        self.write_ids(path, [c for cands in candidates for c in cands])
+        write_text_atomic(path[:-len(".tgt")] + ".scores", "".join(f"{s:.6f}\n" for s in candidates.scores.reshape(-1).tolist()))
+        self.write_ids(path, (c for i in range(len(candidates)) for c in candidates.candidates(i)))
 
     def read_nbest(self, path):
-        flat = self.read_ids(path)
-        with open(path[:-len(".tgt")] + ".scores") as f:
-            flat_scores = [float(x) for x in f.read().split()]
+        """The N-best that write_nbest saved, read into compact arrays line by line."""
+        tokens, lengths, stoi = array("i"), array("q"), self.corpus.vocab.stoi
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                ids = [stoi.get(w, UNK) for w in line.split()]
+                tokens.extend(ids)
+                lengths.append(len(ids))
+        scores = np.loadtxt(path[:-len(".tgt")] + ".scores", dtype=np.float32, ndmin=1)
         n = self.em.candidates
-        group = lambda items: [items[i * n:(i + 1) * n] for i in range(len(items) // n)]
-        return group(flat), group(flat_scores)
+        return NBest(n, np.frombuffer(tokens, dtype=np.int32).copy(),
+                     np.concatenate([[0], np.cumsum(np.frombuffer(lengths, dtype=np.int64))]), scores.reshape(-1, n))
 
     def read_distillation_targets(self, path):
         """Precomputed targets for the first NAR model: one line per line of train.SRC (the lines em-nat
@@ -547,10 +553,10 @@ def margin_study(cfg: RunConfig, margins=MARGINS):
     nar_model, rows = LazyModel(run, "nar-kd").model(), []
     for split in ("train", run.test.split):
         if split == "train":
-            sources, (candidates, ar_scores) = run.train_sources, run.read_nbest(saved)
+            sources, (candidates, ar_scores) = run.train_sources, run.read_nbest(saved).lists()
         else:
             sources = run.test.sources
-            candidates, ar_scores = ar_nbest(run, LazyModel(run, "ar").model(), sources)
+            candidates, ar_scores = ar_nbest(run, LazyModel(run, "ar").model(), sources).lists()
         rows += margin_rows(run, nar_model, split, sources, candidates, ar_scores, margins)
     print(report.format_margin_table(rows, toy=run.corpus.toy is not None))
     return rows
@@ -745,7 +751,8 @@ def add_em_options(e):
     e.add_argument("--alpha", type=float, help="length penalty exponent of AR beam search and rescoring "
                                                "(default: 1.4, the paper's IWSLT14 value, with the iwslt preset; else 1.0)")
     e.add_argument("--beam", type=int, default=5, help="AR beam size when evaluating")
-    e.add_argument("--length-beam", type=int, default=5, help="NAR length candidates rescored by the AR model (NPD)")
+    e.add_argument("--length-beam", type=int, default=9,
+                   help="NAR length candidates rescored by the AR model (NPD, the +resc column; the paper: 9)")
     e.add_argument("--entropy-pairs", type=int, default=20000,
                    help="training pairs the H(y|x) column is measured on (a fixed random sample beyond that)")
     e.add_argument("--speed-sentences", type=int, default=50,

@@ -139,6 +139,15 @@ def gather(part):
     return [parts[i % len(parts)][i // len(parts)] for i in range(sum(map(len, parts)))]
 
 
+def all_parts(part):
+    """Every process's `part` (any picklable object: e.g. a shard's N-best arrays), in rank order."""
+    if not distributed():
+        return [part]
+    parts = [None] * world_size()
+    torch.distributed.all_gather_object(parts, part)
+    return parts
+
+
 def from_main(obj):
     """Rank 0's `obj` on every process (what rank 0 alone computed: an evaluation)."""
     if not distributed():
