@@ -171,6 +171,9 @@ def test_pipeline_artefacts_and_resume(tmp_path, monkeypatch):
         for name in ("model.pt", "config.json", "vocab.txt", "result.json", "train.tgt"):
             assert os.path.isfile(tmp_path / "full" / stage / name), (stage, name)
         assert not os.path.exists(tmp_path / "full" / stage / "resume.pt")
+        for decoder in (["beam"] if stage.endswith("ar") else ["argmax", "ODD", "NPD"]):   # the test outputs
+            lines = read_lines(tmp_path / "full" / stage / f"test.{decoder}.txt")
+            assert len(lines) == 300 and all(line.strip() for line in lines[:5]), (stage, decoder)
 
     # Kill the run inside the em1-nar stage's training loop, then run the same command again.
     real_train_model = train.train_model

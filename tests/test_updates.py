@@ -170,6 +170,14 @@ class Interrupt:
 
 DDP_CFG = dict(lr=0.3, warmup=4, max_tokens=64, nar_steps=10, valid_every=4)
 SOURCES = [s for s, _ in copy_pairs(23, seed=5)]
+CANDIDATE_SETS = [[s, s[::-1], s[1:] or s, s + s[:1]] for s in SOURCES]   # one source's candidates span ranks
+SCORED_PAIRS = [(s, c) for s, cands in zip(SOURCES, CANDIDATE_SETS) for c in cands]
+
+
+def dropout_nar():
+    torch.manual_seed(11)
+    return Transformer(ModelConfig(vocab_size=14, kind="nar", d_model=32, n_heads=4, d_ff=64, enc_layers=1,
+                                   dec_layers=1, dropout=0.3, max_len=16))
 
 
 def two_process_worker(rank, out):
@@ -194,9 +202,14 @@ def two_process_worker(rank, out):
     nbest = [train.gather(part) for part in nbest_ids(ar, train.shard(SOURCES), 3, max_tokens=40)]
     run = type("R", (), {"decode_tokens": 40, "device": "cpu", "precision": "fp32"})
     scores = em_nat.nar_scores(run, model, [(s, s) for s in SOURCES])        # shards and gathers itself
+    noisy = dropout_nar().train()              # as a model could come out of a loop: dropout 0.3, train mode
+    noisy_scores = em_nat.nar_scores(run, noisy, SCORED_PAIRS)
+    noisy.train()
+    selected = em_nat.select_by_nar_likelihood(run, noisy, SOURCES, CANDIDATE_SETS)[0]
     if rank == 0:
         torch.save({"model": model.state_dict(), "stopped": stopped_at, "beam": beam, "nbest": nbest,
-                    "scores": scores}, os.path.join(out, "rank0.pt"))
+                    "scores": scores, "noisy_scores": noisy_scores, "selected": selected},
+                   os.path.join(out, "rank0.pt"))
     torch.distributed.destroy_process_group()
 
 
@@ -240,3 +253,14 @@ def test_sharded_decoding_and_scoring_equal_one_process(two_processes):
     assert torch.allclose(torch.tensor(got["scores"]), torch.tensor(em_nat.nar_scores(run, nar.eval(),
                                                                                         [(s, s) for s in SOURCES])),
                           atol=1e-4)
+
+
+def test_two_processes_score_the_e_step_without_dropout_as_one_eval_process(two_processes):
+    # Every process puts its model in eval mode before scoring its share, whatever mode it came in: a
+    # model left in train mode would score its share of each source's candidates with dropout on.
+    _, got = two_processes
+    run = type("R", (), {"decode_tokens": 40, "device": "cpu", "precision": "fp32"})
+    with torch.no_grad():
+        reference = [float(dropout_nar().eval().score(torch.tensor([s]), torch.tensor([c]))) for s, c in SCORED_PAIRS]
+    assert torch.allclose(torch.tensor(got["noisy_scores"]), torch.tensor(reference), atol=1e-5)
+    assert got["selected"] == em_nat.select_by_nar_likelihood(run, dropout_nar().eval(), SOURCES, CANDIDATE_SETS)[0]
