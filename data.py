@@ -10,8 +10,16 @@
   of two synonym sets, and an optional opening or closing word that shifts every position), so a NAR
   model trained on the raw data mixes modes and an AR model does not. It lists all valid translations
   of a source, for exact evaluation.
-- `load_corpus`: a corpus directory in the fairseq layout (train/valid/test.{src,tgt}), or the toy task.
+- `TaskSpec` / `TASKS`: a family of named embedded tasks ("toy" is the default above) whose knobs turn
+  the mechanisms the paper's E-step relies on on and off: whether the training target's mode is a
+  function of the source the NAR model can learn (`mode_rule`), at how many positions a mode shows and
+  whether it shifts later ones (`framing_positions`), how many training targets are invalid, i.e. how
+  good the AR teacher and its candidate set Q can be (`noise`), and the training-set size. Every task
+  keeps six valid translations per source, so the oracle stays exact.
+- `make_toy_corpus(seed, ..., task)`: the corpus of a named task; `load_corpus_dir`: a corpus
+  directory in the fairseq layout (train/valid/test.{src,tgt}).
 """
+import hashlib
 import heapq
 import os
 import random
@@ -285,23 +293,82 @@ TOY_LEXICON = [
     ("ti", "additionally", "also"), ("ve", "at present", "these days"), ("we", "conclude", "finish"),
     ("xo", "prior to", "ahead of"), ("yu", "subsequently", "later"), ("zi", "residents", "folks"),
 ]
-# The optional framing word: opening or closing, in the register of the sentence.
+# The framing word: opening or closing, in the register of the sentence; SLOT fills an empty framing slot.
 TOY_OPENING = {"formal": "furthermore", "casual": "so"}
 TOY_CLOSING = {"formal": "indeed", "casual": "okay"}
+TOY_SLOT = "."
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The knobs of one embedded task. Every task keeps the same 6 valid translations per source
+    (register x framing), so the oracle and every mode measure stay exact; the knobs change which
+    one is the training target, where a mode shows in it, and how clean the training data is.
+
+    mode_rule: how the mode of a target depends on its source, i.e. whether the teacher's mode choice is
+      something the NAR student can predict (the paper's E-step removes only multi-modality it cannot).
+      "uniform": drawn at random, independent of the source; the raw data is multi-modal per source,
+        but an AR teacher's beam output is a deterministic function of the source, which the NAR may learn.
+      "source-hash": a hash of the whole source: one mode per source, but no pattern a small model can
+        learn, so distilled targets stay multi-modal to the student unless it memorises them.
+      "first-word": the lexicon position of the first source word, modulo 6: one look-up, learnable.
+    framing_positions: where the framing shows, i.e. how many target positions a mode choice touches.
+      "edge": an optional opening or closing word (shifts every later position, shows at one).
+      "inline": the framing word before (opening) or after (closing) every third concept, counted from
+        that edge: shows at ceil(n/3) positions and shifts the positions after each.
+      "slots": every target has an opening and a closing slot, TOY_SLOT where unused: a mode changes
+        one position and shifts none (all 6 translations have the same length).
+    noise: the share of training targets made invalid (a word dropped or two adjacent words swapped),
+      so the AR teacher learns some invalid outputs and Q, its N-best within a margin, holds some.
+    train_size: the default number of training pairs (the data size against the model: memorisation)."""
+    about: str
+    mode_rule: str = "uniform"
+    framing_positions: str = "edge"
+    noise: float = 0.0
+    train_size: int = 6000
+
+    def __post_init__(self):
+        for knob, allowed in (("mode_rule", ("uniform", "source-hash", "first-word")),
+                              ("framing_positions", ("edge", "inline", "slots"))):
+            value = getattr(self, knob)
+            if value not in allowed:
+                raise ValueError(f"TaskSpec.{knob} must be one of {', '.join(allowed)}, not {value!r}")
+        if not 0 <= self.noise < 1:
+            raise ValueError(f"TaskSpec.noise is a share of training targets in [0, 1), not {self.noise}")
+
+
+TASKS = {
+    "toy": TaskSpec("the default: random mode per pair, optional opening/closing word, clean data"),
+    "toy-learnable": TaskSpec("the mode is a function of the first source word (learnable by the NAR)",
+                              mode_rule="first-word"),
+    "toy-hashed": TaskSpec("the mode is a hash of the whole source (determined, but not learnable)",
+                           mode_rule="source-hash"),
+    "toy-inline": TaskSpec("the framing word recurs every third concept (a mode shows at several positions)",
+                           framing_positions="inline"),
+    "toy-shift-free": TaskSpec("fixed framing slots: a mode changes positions but never shifts them",
+                               framing_positions="slots"),
+    "toy-noisy": TaskSpec("15% of training targets invalid (a weaker AR teacher, invalid candidates in Q)",
+                          noise=0.15),
+    "toy-small": TaskSpec("today's task with 1500 training pairs (more memorisation per pair)",
+                          train_size=1500),
+}
 
 
 class ToyTask:
     """Source sentences are random sequences of 4..10 concept words (no word twice in a row);
     a translation picks a register (formal / casual synonyms for every word) and a framing
-    (none / an opening word / a closing word), independently and uniformly: 6 valid translations,
-    2 of them as long as the plain one plus one word, so even a known length leaves them ambiguous."""
+    (none / opening / closing): 6 valid translations. Under the default knobs (task "toy") both are
+    drawn independently and uniformly, and 2 of the 6 are as long as the plain one plus one word, so
+    even a known length leaves them ambiguous. `spec` (a TaskSpec) sets the knobs."""
 
     REGISTERS = ("formal", "casual")
     FRAMINGS = ("none", "opening", "closing")
 
-    def __init__(self, min_words=4, max_words=10):
+    def __init__(self, spec=None, min_words=4, max_words=10):
+        self.spec = spec or TASKS["toy"]
         self.min_words, self.max_words = min_words, max_words
         self.lexicon = {src: {"formal": formal, "casual": casual} for src, formal, casual in TOY_LEXICON}
+        self.word_class = {src: i % 6 for i, (src, _, _) in enumerate(TOY_LEXICON)}   # for "first-word"
 
     def sample_source(self, rng):
         words = []
@@ -312,12 +379,20 @@ class ToyTask:
         return words
 
     def translate(self, src, register, framing):
-        body = " ".join(self.lexicon[w][register] for w in src)
-        if framing == "opening":
-            body = f"{TOY_OPENING[register]} {body}"
-        elif framing == "closing":
-            body = f"{body} {TOY_CLOSING[register]}"
-        return body.split()
+        phrases = [self.lexicon[w][register] for w in src]             # one phrase per concept
+        opening, closing, n = TOY_OPENING[register], TOY_CLOSING[register], len(src)
+        where = self.spec.framing_positions
+        if where == "edge":
+            phrases = [opening] * (framing == "opening") + phrases + [closing] * (framing == "closing")
+        elif where == "slots":
+            phrases = ([opening if framing == "opening" else TOY_SLOT] + phrases
+                       + [closing if framing == "closing" else TOY_SLOT])
+        elif framing == "opening":                                     # inline: before concepts 0, 3, 6, ...
+            phrases = [p for i, w in enumerate(phrases) for p in ([opening, w] if i % 3 == 0 else [w])]
+        elif framing == "closing":                                     # after concepts n-1, n-4, ...
+            phrases = [p for i, w in enumerate(phrases)
+                       for p in ([w, closing] if (n - 1 - i) % 3 == 0 else [w])]
+        return " ".join(phrases).split()
 
     def valid_translations(self, src):
         """All valid translations of a source (list of words), as strings, in a fixed order."""
@@ -330,9 +405,42 @@ class ToyTask:
         valid = self.valid_translations(src)
         return valid.index(text) if text in valid else None
 
+    def target_mode(self, src, drawn):
+        """The (register, framing) of the target of `src` under the task's mode_rule; `drawn` is the
+        uniformly drawn pair, drawn under every rule so that a seed gives the same sources in every task."""
+        rule = self.spec.mode_rule
+        if rule == "uniform":
+            return drawn
+        if rule == "source-hash":     # sha256, not hash(): the same in every process
+            index = int.from_bytes(hashlib.sha256(" ".join(src).encode()).digest()[:8], "big") % 6
+        else:                         # first-word
+            index = self.word_class[src[0]]
+        return self.REGISTERS[index // 3], self.FRAMINGS[index % 3]    # the order of valid_translations
+
     def sample_pairs(self, n, rng):
-        return [(src, self.translate(src, rng.choice(self.REGISTERS), rng.choice(self.FRAMINGS)))
-                for src in (self.sample_source(rng) for _ in range(n))]
+        pairs = []
+        for _ in range(n):
+            src = self.sample_source(rng)
+            drawn = rng.choice(self.REGISTERS), rng.choice(self.FRAMINGS)
+            pairs.append((src, self.translate(src, *self.target_mode(src, drawn))))
+        return pairs
+
+    def add_noise(self, pairs, rng):
+        """The pairs with each target made invalid with probability spec.noise, by one edit."""
+        return [(src, self.corrupt(src, tgt, rng) if rng.random() < self.spec.noise else tgt)
+                for src, tgt in pairs]
+
+    def corrupt(self, src, tgt, rng):
+        """A near miss of a target: a word dropped or two adjacent words swapped, redrawn until
+        mode() says invalid (dropping a framing word, or swapping equal words, can leave it valid)."""
+        while True:
+            words, i = list(tgt), rng.randrange(len(tgt) - 1)
+            if rng.random() < 0.5:
+                del words[i + rng.randint(0, 1)]
+            else:
+                words[i], words[i + 1] = words[i + 1], words[i]
+            if self.mode(src, words) is None:
+                return words
 
 
 @dataclass
@@ -355,11 +463,19 @@ class Corpus:
         return [(self.vocab.encode(s), self.vocab.encode(t)) for s, t in getattr(self, split)]
 
 
-def make_toy_corpus(seed=1, train_size=6000, valid_size=300, test_size=300):
-    task, rng = ToyTask(), random.Random(seed)
-    train, valid, test = (task.sample_pairs(n, rng) for n in (train_size, valid_size, test_size))
+def make_toy_corpus(seed=1, train_size=None, valid_size=300, test_size=300, task="toy"):
+    """The corpus of the named embedded task (TASKS): train_size None takes the task's default.
+    Noise touches training targets only (valid/test references stay valid), from its own generator,
+    so the same seed gives the same sources in every task."""
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}: the embedded tasks are {', '.join(TASKS)}")
+    spec = TASKS[task]
+    toy, rng = ToyTask(spec), random.Random(seed)
+    sizes = (spec.train_size if train_size is None else train_size, valid_size, test_size)
+    train, valid, test = (toy.sample_pairs(n, rng) for n in sizes)
+    train = toy.add_noise(train, random.Random(f"noise {seed}"))
     vocab = Vocab.build([s for s, _ in train] + [t for _, t in train])
-    return Corpus(train, valid, test, vocab, name=f"toy (seed {seed})", toy=task)
+    return Corpus(train, valid, test, vocab, name=f"{task} (seed {seed})", toy=toy)
 
 
 def load_corpus_dir(data_dir, src_lang, tgt_lang, bpe_merges, max_len, bpe=None, max_train_pairs=None, log=print):
