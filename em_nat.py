@@ -168,8 +168,9 @@ def candidate_nar_scores(run, nar_model, sources, sets):
 
 
 def best_candidates(sets, scores):
-    """Each set's candidate of highest score (ties: the first; a set with no scorable candidate keeps
-    its first), and that score. Returns (selected, best scores)."""
+    """Each set's candidate of highest score, and that score. Returns (selected, best scores). Of equal
+    scores the earlier candidate wins (the AR model ranked it higher); a set whose candidates all score
+    -inf keeps its first."""
     picks = [max(range(len(row)), key=row.__getitem__) for row in scores]
     return [cands[j] for cands, j in zip(sets, picks)], [row[j] for row, j in zip(scores, picks)]
 # <<< exercise 7

@@ -375,10 +375,12 @@ class Transformer(nn.Module):
             return tok.masked_fill(dec_out == PAD, 0.0).sum(1)
         lengths = (tgt != PAD).sum(1)
         logp = self.scoring_log_probs(self.nar_states(lengths, enc, enc_keep, max_tgt_len=tgt.size(1)))
-        tok = logp.gather(-1, tgt[..., None]).squeeze(-1).masked_fill(tgt == PAD, 0.0)  # (batch, t)
         with full_precision(enc.device.type):
             len_logp = self.length_logits(enc.float()).float().log_softmax(-1)  # (batch, max_len+1)
+        # >>> exercise 7: the E-step's selection
+        tok = logp.gather(-1, tgt[..., None]).squeeze(-1).masked_fill(tgt == PAD, 0.0)  # (batch, t)
         return len_logp.gather(1, lengths[:, None]).squeeze(1) + tok.sum(1)
+        # <<< exercise 7
 
 
 def keep_freed_memory_on_cpu():

@@ -120,7 +120,44 @@ MUTATIONS = [
     (6, "the normaliser taken after <eos> is forced", "decode.py",
      "cand, origin, token = best_extensions(state.scores, logits, log_norm, 2 * k)",
      "cand, origin, token = best_extensions(state.scores, logits, logits.logsumexp(1, keepdim=True), 2 * k)"),
+    (7, "ties to the last candidate", "em_nat.py",
+     "picks = [max(range(len(row)), key=row.__getitem__) for row in scores]",
+     "picks = [len(row) - 1 - max(range(len(row)), key=row[::-1].__getitem__) for row in scores]"),
+    (7, "a length-normalised score", "model.py",
+     "return len_logp.gather(1, lengths[:, None]).squeeze(1) + tok.sum(1)\n",
+     "return (len_logp.gather(1, lengths[:, None]).squeeze(1) + tok.sum(1)) / lengths\n"),
+    (7, "no length term", "model.py",
+     "return len_logp.gather(1, lengths[:, None]).squeeze(1) + tok.sum(1)\n", "return tok.sum(1)\n"),
+    (7, "empty candidates scored", "em_nat.py",
+     "if 0 < len(cand) <= nar_model.cfg.max_len]", "if len(cand) <= nar_model.cfg.max_len]"),
 ]
+
+# Right solutions written another way than the reference, which the grading must accept:
+# (exercise, what, module, reference text, the other solution).
+BY_HAND_SCORE = """    scores = []
+    for src, cands in zip(sources, sets):
+        row = []
+        for cand in cands:
+            if not 0 < len(cand) <= nar_model.cfg.max_len:
+                row.append(float("-inf"))
+                continue
+            enc, keep = nar_model.encode(torch.tensor([src]))
+            len_logp = nar_model.length_logits(enc).float().log_softmax(-1)[0, len(cand)]
+            logp = nar_model.nar_logits(torch.tensor([len(cand)]), enc, keep).float().log_softmax(-1)[0]
+            row.append(float(len_logp + logp[torch.arange(len(cand)), torch.tensor(cand)].sum()))
+        scores.append(row)
+    return scores
+"""
+def test_other_right_solutions_pass_their_exercise(tmp_path):
+    copy = tmp_path / "by-hand"
+    write_student_copy(str(copy), [7])
+    text = stub_file(os.path.join(ROOT, "em_nat.py"), set())
+    start = text.index("    flat = [(i, j) for i, cands in enumerate(sets)")
+    end = text.index("def best_candidates")
+    (copy / "em_nat.py").write_text(text[:start] + BY_HAND_SCORE + "\n\n" + text[end:], encoding="utf-8")
+    (copy / "model.py").write_text(stub_file(os.path.join(ROOT, "model.py"), set()), encoding="utf-8")
+    report = grade(copy, tmp_path / "report.json", [7])
+    assert report and all(r["passed"] for r in report.values()), report
 
 
 def test_wrong_solutions_fail_their_exercise(tmp_path):

@@ -18,10 +18,12 @@ from model import ModelConfig, Transformer
 torch.set_num_threads(2)
 
 
+@pytest.mark.exercise(7)
 def test_selection_keeps_the_candidate_with_the_highest_nar_score():
     torch.manual_seed(0)
     nar = Transformer(ModelConfig(vocab_size=12, kind="nar", d_model=32, n_heads=4, d_ff=64, enc_layers=1,
                                   dec_layers=1, dropout=0.0, max_len=10)).eval()
+    nar.length_logits = lambda enc: 3 * enc[:, 0, :11]       # a length classifier of its own (not exercise 1's)
     rng = random.Random(0)
     sources = [[rng.randint(4, 11) for _ in range(rng.randint(2, 6))] for _ in range(7)]
     candidates = [[[rng.randint(4, 11) for _ in range(rng.randint(1, 7))] for _ in range(5)] for _ in sources]
@@ -35,15 +37,18 @@ def test_selection_keeps_the_candidate_with_the_highest_nar_score():
 
 
 class TableNAR:
-    """A stand-in NAR model for the E-step: score(x, y) = w[x_0, y_1] + ... + w[x_0, y_T] + bonus[T], a
-    known number per (source, candidate); nothing of model.py is used (the selection is graded alone)."""
+    """A stand-in NAR model for the E-step with known scores: log p(T|x) = bonus[T] and
+    log p(y_t|x, T) = w[x_0, y_t] (log-probability tables), so score(x, y) = bonus[|y|] + sum_t w[x_0, y_t].
+    It answers both ways a selection may compute the score: score(src, tgt), as Transformer.score, or
+    by hand from encode / length_logits / nar_logits (its logits are already log-probabilities)."""
 
     def __init__(self, seed):
         g = torch.Generator().manual_seed(seed)
-        # multiples of 1/8: sums are exact in any order, so equal scores are really equal
-        self.w = torch.randint(-32, 32, (12, 12), generator=g) / 8
-        self.bonus = torch.randint(-32, 32, (11,), generator=g) / 8
-        self.cfg = types.SimpleNamespace(max_len=10)
+        raw = torch.randint(-32, 32, (12, 12), generator=g) / 8
+        raw[:, 7] = raw[:, 5]                        # tokens 5 and 7 equally likely: exact ties exist
+        self.w = raw.log_softmax(-1)
+        self.bonus = (torch.randint(-32, 32, (11,), generator=g) / 8).log_softmax(-1)
+        self.cfg = types.SimpleNamespace(max_len=10, kind="nar")
 
     def eval(self):
         return self
@@ -52,6 +57,16 @@ class TableNAR:
         real = tgt != 0                                                     # PAD = 0
         tok = self.w[src[:, :1], tgt].masked_fill(~real, 0.0).sum(1)
         return tok + self.bonus[real.sum(1)]
+
+    def encode(self, src):                           # "encoder states": the source itself
+        return src, src != 0
+
+    def length_logits(self, enc):                    # (batch, max_len + 1)
+        return self.bonus.expand(enc.size(0), -1)
+
+    def nar_logits(self, lengths, enc, enc_keep, max_tgt_len=None):   # (batch, t, vocab)
+        t = int(lengths.max()) if max_tgt_len is None else max_tgt_len
+        return self.w[enc[:, 0]][:, None, :].expand(-1, t, -1)
 
     def direct(self, src, cand):
         return float(sum(self.w[src[0], y] for y in cand) + self.bonus[len(cand)]) if cand else float("-inf")
@@ -66,13 +81,17 @@ def test_selection_by_a_stand_in_nar_model(seed):
             for _ in sources]
     sets[0][-1] = []                                         # an empty AR output can never be chosen
     sets[1] = [[]]                                           # ... unless it is all there is
-    sets[2] = [[5, 6, 7], [7, 6, 5]]                         # equal scores (a permutation): the first
+    sets[2] = [[6, 5, 8], [6, 7, 8], [6, 5, 8, 9, 9, 9, 9, 9, 9, 9, 9]]   # an exact tie: the first; too long
+    sets[3] = [[4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]]            # longer than max_len: cannot be scored, kept
     run = types.SimpleNamespace(decode_tokens=24, device="cpu", precision="fp32")    # several batches
     selected, scores = em_nat.select_by_nar_likelihood(run, nar, sources, sets)
+    assert selected[2] == [6, 5, 8] and selected[1] == [] and selected[3] == sets[3][0]
     for src, cands, chosen, score in zip(sources, sets, selected, scores):
-        direct = [nar.direct(src, c) for c in cands]
-        assert chosen == cands[max(range(len(cands)), key=direct.__getitem__)]
-        assert score == pytest.approx(max(direct), abs=1e-5) or (max(direct) == score == float("-inf"))
+        direct = [nar.direct(src, c) if len(c) <= 10 else float("-inf") for c in cands]
+        best = max(direct)
+        assert chosen in cands
+        assert direct[cands.index(chosen)] == pytest.approx(best, abs=1e-5) or best == float("-inf")
+        assert score == pytest.approx(best, abs=1e-5) or (best == score == float("-inf"))
 
 
 def tiny_nar(seed=0, sharpness=4.0):
@@ -95,6 +114,7 @@ def select(nar, src, candidates):
     return em_nat.select_by_nar_likelihood(run, nar, [src], [candidates])[0][0]
 
 
+@pytest.mark.exercise(7)
 @torch.no_grad()
 def test_selection_decided_by_the_length_term_alone():
     # The length classifier is made to be sure of length 3. The best 2-token candidate has the higher
@@ -108,6 +128,7 @@ def test_selection_decided_by_the_length_term_alone():
     assert select(nar, src, [short, long]) == long
 
 
+@pytest.mark.exercise(7)
 @torch.no_grad()
 def test_selection_is_not_length_normalised():
     # Lengths 1 and 4 equally likely. A 1-token candidate whose total score beats a 4-token one while
