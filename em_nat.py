@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import report
-from data import BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, read_lines, write_text_atomic
+from data import TASKS, BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, read_lines, write_text_atomic
 from decode import HelpFormatter, NBest, ids_to_text, nbest, score_pairs, sentence_bleu, translate_ids
 from model import (PRECISIONS, PRESETS, UNK, CheckpointError, build_model, keep_freed_memory_on_cpu, load_checkpoint,
                    model_config, resolve_precision)
@@ -45,7 +45,8 @@ from train import (TRAIN_PRESETS, Stopped, TrainConfig, TrainingError, all_parts
                    process_device, remove_loop_files, shard, start_processes, stop_processes, train_model,
                    world_size)
 
-SELECTIONS = ("nar", "random", "ar-top1")
+SELECTIONS = ("nar", "random", "ar-top1", "nar-crossfit")
+CONTROLS = ("random", "ar-top1")          # what --controls adds to the paper's selection
 RUN_FORMAT = 2                    # run.json's layout; a run directory of another layout is refused
 
 
@@ -54,13 +55,14 @@ RUN_FORMAT = 2                    # run.json's layout; a run directory of anothe
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    data_dir: str = None          # fairseq-layout corpus directory; None: the embedded toy task
+    data_dir: str = None          # fairseq-layout corpus directory; None: an embedded task
+    task: str = "toy"             # the embedded task (data.TASKS) when there is no data_dir
     src: str = "de"
     tgt: str = "en"
     bpe_merges: int = 10000       # joint BPE merges learned on plain text (0: the text as it is)
     max_len: int = None           # longest sentence in tokens (None: the preset's)
     max_train_pairs: int = None
-    toy_train_size: int = 6000
+    toy_train_size: int = None    # training pairs of the embedded task (None: the task's own)
     distillation_targets: str = None  # a file of the first NAR model's targets, one line per line of
                                       # train.SRC (e.g. a stronger teacher's outputs); None: AR_0's beam
 
@@ -71,7 +73,9 @@ class EMConfig:
     candidates: int = 20          # N of the AR N-best that Q is drawn from (the official code: 20)
     quality_margin: float = 1.0   # Q: candidates within this many nats (length-normalised AR score) of
                                   # the AR model's best; None: all N (the official code)
-    selection: str = "nar"        # E-step: "nar" (the paper), or the controls "random" and "ar-top1"
+    selection: str = "nar"        # E-step: "nar" (the paper), the controls "random" and "ar-top1", or
+                                  # "nar-crossfit": NAR models that never trained on the source judge it
+    crossfit_folds: int = 2       # K of nar-crossfit: K extra NAR models per E-step, each on (K-1)/K
     kd_beam: int = 5              # beam of the AR outputs that train NAR models (M-step, KD)
     alpha: float = 1.0            # length penalty exponent of beam search and NPD rescoring
     init: str = "scratch"         # each iteration's models start from scratch or from the previous ones
@@ -179,7 +183,7 @@ def best_candidates(sets, scores):
 def select(selection, sets, scores, seed):
     """The E-step's choice within Q: the NAR model's favourite (the paper), or a control: a random member
     of Q, or the AR model's own top-1 (one more round of distillation from a retrained AR model)."""
-    if selection == "nar":
+    if selection in ("nar", "nar-crossfit"):
         return best_candidates(sets, scores)[0]
     if selection == "random":
         rng = random.Random(seed)
@@ -203,9 +207,40 @@ def e_step(run, stage, ar_model, nar_model, iteration):
                             run.write_nbest, run.read_nbest)
     sets = [quality_constrained_set(candidates.candidates(i), candidates.scores[i].tolist(), run.em.quality_margin)
             for i in range(len(candidates))]
-    scores = candidate_nar_scores(run, nar_model, run.train_sources, sets)
+    if run.em.selection == "nar-crossfit":
+        scores = crossfit_scores(run, stage, iteration, sets)
+    else:
+        scores = candidate_nar_scores(run, nar_model, run.train_sources, sets)
     targets = select(run.em.selection, sets, scores, seed=run.cfg.seed * 7919 + iteration)
     return EStep(targets, candidates, sets, scores)
+
+
+def crossfit_folds(sources, k, seed):
+    """The fold (0..k-1) of every training source: a fixed random partition of the distinct sources
+    into k near-equal folds (a source that occurs twice is in one fold)."""
+    distinct = sorted({tuple(s) for s in sources})
+    random.Random(seed).shuffle(distinct)
+    fold_of = {s: rank % k for rank, s in enumerate(distinct)}
+    return [fold_of[tuple(s)] for s in sources]
+
+
+def crossfit_scores(run, stage, iteration, sets):
+    """The NAR scores of a cross-fitted E-step (a control for memorisation): K NAR models, model k
+    trained like NAR_{i-1} (its targets and steps) on the sources outside fold k, score the candidates
+    of fold k's sources, so no candidate is judged by a model that trained on its source. Each fold's
+    scores are computed once into <stage>/fold<k>.json (its model into <stage>/fold<k>/)."""
+    previous = "nar-kd" if iteration == 1 else f"em{iteration - 1}-nar"
+    targets = run.read_ids(os.path.join(run.stage_dir(previous), "train.tgt"))
+    folds = crossfit_folds(run.train_sources, run.em.crossfit_folds, run.cfg.seed * 7919 + iteration)
+    scores = [None] * len(sets)
+    for k in range(run.em.crossfit_folds):
+        held = [i for i, f in enumerate(folds) if f == k]
+        trained = [i for i, f in enumerate(folds) if f != k]
+        compute = lambda: candidate_nar_scores(run, train_fold_model(run, stage, k, trained, targets),
+                                               [run.train_sources[i] for i in held], [sets[i] for i in held])
+        for i, row in zip(held, run.cached(stage, f"fold{k}.json", compute, write_json, read_json)):
+            scores[i] = row
+    return scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,7 +425,7 @@ def load_corpus(cfg, directory, max_len):
     first, kept in its directory, so that a resumed run encodes the text as it did)."""
     data = cfg.data
     if data.data_dir is None:
-        return make_toy_corpus(seed=cfg.seed, train_size=data.toy_train_size)
+        return make_toy_corpus(seed=cfg.seed, train_size=data.toy_train_size, task=data.task)
     bpe_path = os.path.join(directory, "bpe.codes")
     corpus = load_corpus_dir(data.data_dir, data.src, data.tgt, data.bpe_merges, max_len,
                              bpe=BPE.load(bpe_path) if os.path.isfile(bpe_path) else None,
@@ -490,6 +525,29 @@ def train_stage_model(run, name, model, targets):
               f"{run.max_len} tokens and are left out")
     return train_model(model, pairs, run.valid_loss_pairs, run.cfg.train, stage, desc=name,
                        meta={"stage": name, "is_bpe": run.corpus.is_bpe, "alpha": run.em.alpha})
+
+
+def train_fold_model(run, stage, k, indices, targets):
+    """A cross-fitting NAR model: trained on the training pairs `indices` (those outside fold k) with
+    `targets`, into <stage>/fold<k>; resumable like a stage."""
+    torch.manual_seed(run.cfg.seed * 1000 + 100 * (k + 1) + len(run.results))
+    dropout = {} if run.cfg.train.dropout is None else {"dropout": run.cfg.train.dropout}
+    model = build_model(model_config(run.cfg.preset, len(run.corpus.vocab), "nar", max_len=run.max_len, **dropout),
+                        run.device)
+    pairs = [(run.train_sources[i], targets[i]) for i in indices if 0 < len(targets[i]) <= run.max_len]
+    directory = os.path.join(run.stage_dir(stage), f"fold{k}")
+    model, _ = train_model(model, pairs, run.valid_loss_pairs, run.cfg.train, directory, desc=f"{stage} fold {k}")
+    remove_loop_files(directory)
+    return model
+
+
+def write_json(path, value):
+    write_text_atomic(path, json.dumps(value))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def evaluate_stage(run, model, kind, targets, rescorer):
@@ -708,7 +766,11 @@ def add_data_options(d):
     d.add_argument("--bpe-merges", type=int, default=10000,
                    help="joint BPE merges learned on plain text (0: use the text as it is)")
     d.add_argument("--max-train-pairs", type=int, help="use only the first N training pairs (default: all)")
-    d.add_argument("--toy-train-size", type=int, default=6000, help="training pairs of the toy task")
+    d.add_argument("--task", choices=sorted(TASKS), default="toy",
+                   help="the embedded task when there is no --data-dir: " +
+                        "; ".join(f"{name}: {spec.about}" for name, spec in TASKS.items()))
+    d.add_argument("--toy-train-size", type=int, help="training pairs of the embedded task (default: the task's, "
+                                                      "6000 for toy)")
     d.add_argument("--distillation-targets", metavar="FILE",
                    help="the first NAR model's targets, precomputed (e.g. by a stronger teacher): one line per "
                         "line of train.SRC, tokenised as train.TGT (default: AR_0's beam outputs)")
@@ -745,7 +807,11 @@ def add_em_options(e):
                         "AR score) of the AR model's best; 'none' keeps all N, as the official code")
     e.add_argument("--selection", choices=SELECTIONS, default="nar",
                    help="E-step choice within Q: the NAR model's favourite (the paper), or a control: a random "
-                        "candidate, or the AR model's own top-1")
+                        "candidate, the AR model's own top-1, or nar-crossfit: the favourite of NAR models that "
+                        "never trained on the source (a control for memorisation; costs K extra NAR trainings "
+                        "per E-step)")
+    e.add_argument("--crossfit-folds", type=int, default=2, metavar="K",
+                   help="with --selection nar-crossfit: K folds of the training sources, one NAR model each")
     e.add_argument("--kd-beam", type=int, default=5, help="beam of the AR outputs that train NAR models")
     e.add_argument("--em-init", choices=["scratch", "warm"], default="scratch",
                    help="each EM iteration's models start from scratch or from the previous iteration's")
@@ -777,14 +843,17 @@ def train_config(args, preset):
 
 def check_counts(args):
     """Counts and sizes that must be positive, refused when the options are read, not after a stage."""
-    for name in ("candidates", "kd_beam", "beam", "length_beam", "toy_train_size", "entropy_pairs"):
+    for name in ("candidates", "kd_beam", "beam", "length_beam", "entropy_pairs", "crossfit_folds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     for name in ("em_iterations", "speed_sentences", "examples"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, not {args.threads}")
+    for name in ("threads", "toy_train_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.selection == "nar-crossfit" and args.crossfit_folds < 2:
+        raise ValueError("--selection nar-crossfit needs --crossfit-folds of 2 or more")
 
 
 def run_config(args):
@@ -795,12 +864,13 @@ def run_config(args):
     alpha = args.alpha if args.alpha is not None else (1.4 if preset == "iwslt" else 1.0)   # the paper: 1.4 on IWSLT14
     return RunConfig(
         out=args.out or os.path.join("runs", f"{default_name}-{preset}"), preset=preset, seed=args.seed,
-        data=DataConfig(data_dir=args.data_dir, src=args.src, tgt=args.tgt, bpe_merges=args.bpe_merges,
+        data=DataConfig(data_dir=args.data_dir, task=args.task, src=args.src, tgt=args.tgt, bpe_merges=args.bpe_merges,
                         max_len=args.max_len, max_train_pairs=args.max_train_pairs,
                         toy_train_size=args.toy_train_size, distillation_targets=args.distillation_targets),
         train=train_config(args, preset),
         em=EMConfig(iterations=args.em_iterations, candidates=args.candidates, quality_margin=args.quality_margin,
-                    selection=args.selection, kd_beam=args.kd_beam, alpha=alpha, init=args.em_init),
+                    selection=args.selection, crossfit_folds=args.crossfit_folds, kd_beam=args.kd_beam, alpha=alpha,
+                    init=args.em_init),
         report=ReportConfig(beam=args.beam, length_beam=args.length_beam, entropy_pairs=args.entropy_pairs,
                             speed_sentences=args.speed_sentences, examples=args.examples))
 
@@ -826,7 +896,7 @@ def main(argv=None):
         elif args.margin_study:
             margin_study(cfg)
         elif args.seeds:
-            run_seeds(cfg, args.seeds, list(SELECTIONS) if args.controls else [cfg.em.selection])
+            run_seeds(cfg, args.seeds, [cfg.em.selection] + (list(CONTROLS) if args.controls else []))
         else:
             run_pipeline(cfg)
     except (DataError, CheckpointError, TrainingError) as err:

@@ -14,16 +14,18 @@ import math
 import os
 import random
 import time
+import tracemalloc
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import decode
 from data import Corpus, collate, make_batches, pad_batch, remove_bpe
-from decode import ar_beam_search, bleu, ids_to_text, nar_decode, score_pairs, translate_ids
-from model import EOS, build_model, count_parameters, model_config, precision_context, synchronize
+from decode import NBest, ar_beam_search, bleu, ids_to_text, nar_decode, score_pairs, translate_ids
+from model import EOS, PAD, build_model, count_parameters, model_config, precision_context, synchronize
 from train import TrainConfig, forward_backward, make_optimizer, optimizer_step
 
 
@@ -475,6 +477,33 @@ def nbest_throughput(preset, vocab_size, pairs, n, max_tokens, device, precision
     return len(pairs) / (time.perf_counter() - start)
 
 
+def nbest_memory(pairs, n, seed=0):
+    """Host memory of the E-step's N-best of every training source, measured with tracemalloc on a
+    stand-in N-best (n candidates per source, each as long as the source's reference, random ids):
+    as Python lists of ints (how em-nat held it before) and as decode.NBest arrays. Returns
+    (bytes per candidate token as lists, as arrays, candidate tokens)."""
+    rng = random.Random(seed)
+    lengths = [len(t) for _, t in pairs for _ in range(n)]
+    measured = []
+    for build in (lambda: [[rng.randrange(4, 30000) for _ in range(k)] for k in lengths],
+                  lambda: nbest_arrays(lengths, n, rng)):
+        tracemalloc.start()
+        kept = build()
+        size = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        measured.append(size / max(sum(lengths), 1))
+        del kept
+    return measured[0], measured[1], sum(lengths)
+
+
+def nbest_arrays(lengths, n, rng):
+    """A stand-in decode.NBest built the way decode.nbest builds one: per-sentence arrays, then flat."""
+    rows = [(np.array([[rng.randrange(4, 30000) for _ in range(k)] + [PAD] * (max(lengths[i:i + n]) - k)
+                       for k in lengths[i:i + n]], dtype=np.int32), np.zeros(n, dtype=np.float32))
+            for i in range(0, len(lengths), n)]
+    return NBest.from_rows(n, rows)
+
+
 def benchmark(corpus, preset, cfg: TrainConfig, steps, sentences, candidates):
     """The throughput table on a real corpus: what a batch holds, AR and NAR training tokens/s, and
     N-best sentences/s. Returns its rows (name, figure)."""
@@ -489,6 +518,9 @@ def benchmark(corpus, preset, cfg: TrainConfig, steps, sentences, candidates):
     valid = corpus.ids("valid")[:sentences]
     per_s = nbest_throughput(preset, len(corpus.vocab), valid, candidates, cfg.max_tokens, cfg.device, cfg.precision)
     rows.append((f"AR {candidates}-best beam search ({len(valid)} sentences)", f"{per_s:,.1f} sentences/s"))
+    as_lists, as_arrays, tokens = nbest_memory(pairs, candidates)
+    rows.append((f"E-step {candidates}-best in host memory ({tokens / 1e6:.1f}M tokens)",
+                 f"{as_lists:.1f} B/token as lists, {as_arrays:.1f} as arrays"))
     print()
     for name, figure in rows:
         print(f"{name:<52} {figure:>34}")

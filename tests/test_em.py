@@ -331,3 +331,31 @@ def test_printed_examples_mark_repeats_and_validity():
     bpe_corpus = types.SimpleNamespace(vocab=em_nat.Vocab.build([["a@@", "b", "c"]]), is_bpe=True)
     ids = bpe_corpus.vocab.encode(["a@@", "b", "a@@", "a@@", "b", "c", "c"])
     assert report.marked_text(bpe_corpus, ids) == "ab a[a]b c [c]"
+
+
+def test_cross_fitted_selection_never_scores_a_source_with_a_model_that_trained_on_it(tmp_path, monkeypatch):
+    trained_on, scored_by = {}, {}
+    real_train_model, real_scores = em_nat.train_model, em_nat.candidate_nar_scores
+
+    def recording_train_model(model, pairs, valid, cfg, out_dir, desc="train", meta=None):
+        model, summary = real_train_model(model, pairs, valid, cfg, out_dir, desc, meta)
+        if "fold" in desc:
+            trained_on[desc] = {tuple(s) for s, _ in pairs}
+            model.judge = desc
+        return model, summary
+
+    def recording_scores(run, nar_model, sources, sets):
+        scored_by.setdefault(getattr(nar_model, "judge", None), set()).update(tuple(s) for s in sources)
+        return real_scores(run, nar_model, sources, sets)
+
+    monkeypatch.setattr(em_nat, "train_model", recording_train_model)
+    monkeypatch.setattr(em_nat, "candidate_nar_scores", recording_scores)
+    results = run_tiny(tmp_path, ["--em-iterations", "1", "--selection", "nar-crossfit", "--crossfit-folds", "3",
+                                  "--ar-steps", "30", "--nar-steps", "20", "--length-beam", "2"])
+    assert [r["stage"] for r in results] == STAGES[:5]
+    assert sorted(trained_on) == [f"em1-ar fold {k}" for k in range(3)] and set(scored_by) == set(trained_on)
+    sources = {tuple(s) for s, _ in em_nat.make_toy_corpus(seed=1, train_size=300).ids("train")}
+    assert set().union(*scored_by.values()) == sources
+    for judge, scored in scored_by.items():
+        assert scored and not scored & trained_on[judge], judge      # never a source the judge trained on
+        assert trained_on[judge] | scored == sources                  # trained on all the other folds
