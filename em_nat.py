@@ -768,7 +768,7 @@ def add_data_options(d):
     d.add_argument("--max-train-pairs", type=int, help="use only the first N training pairs (default: all)")
     d.add_argument("--task", choices=sorted(TASKS), default="toy",
                    help="the embedded task when there is no --data-dir: " +
-                        "; ".join(f"{name}: {spec.about}" for name, spec in TASKS.items()))
+                        "; ".join(f"{name}: {spec.about}" for name, spec in TASKS.items()).replace("%", "%%"))
     d.add_argument("--toy-train-size", type=int, help="training pairs of the embedded task (default: the task's, "
                                                       "6000 for toy)")
     d.add_argument("--distillation-targets", metavar="FILE",

@@ -138,3 +138,9 @@ def test_functions_are_short_outside_argument_parsers():
                 if node.name not in ("build_parser",) and not node.name.startswith("add_"):
                     long.append(f"{name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def test_help_of_each_command_prints():
+    for script in ("train.py", "decode.py"):
+        out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "usage:" in out.stdout and not out.stderr, out.stderr
