@@ -1,10 +1,12 @@
-"""em_nat.py: the EM approach to non-autoregressive translation (Sun & Yang, ICML 2020), top to bottom.
+"""em_nat.py: the EM approach to non-autoregressive translation (Sun & Yang, ICML 2020), top
+to bottom.
 
 A NAR model emits every target token at once; trained on real translations, which hold several valid
 ways to say one thing ("modes"), it mixes them. The paper trains an AR and a NAR model together:
 
-    E-step  within Q, a quality-constrained set of targets (in practice the AR model's N-best), take
-            for each source the candidate the current NAR model likes best; a new AR model learns them.
+    E-step  within Q, a quality-constrained set of targets (in practice the AR model's N-best),
+            take for each source the candidate the current NAR model likes best; a new AR model
+            learns them.
     M-step  the NAR model learns that AR model's beam outputs (sequence-level distillation).
 
 Iterating makes the targets more consistent (less multi-modal) and easier for the NAR model. Here
@@ -19,8 +21,8 @@ each model is one resumable "stage" of a run directory:
     em{i}-nar  NAR_i (M-step)         AR_i's beam outputs
 
 Reading order: the configuration; the EM steps (distillation, the set Q, the selection and its
-controls, the E-step); `em_loop`, the paper's algorithm; then the stage runner (train, evaluate, save,
-resume), the studies over a finished run, and the command line (`python train.py --help`).
+controls, the E-step); `em_loop`, the paper's algorithm; then the stage runner (train, evaluate,
+save, resume), the studies over a finished run, and the command line (`python train.py --help`).
 model.py holds the two models, decode.py their decoders, train.py the training loop, report.py the
 measures and tables.
 """
@@ -37,13 +39,15 @@ import numpy as np
 import torch
 
 import report
-from data import TASKS, BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, read_lines, write_text_atomic
-from decode import HelpFormatter, NBest, ids_to_text, nbest, score_pairs, sentence_bleu, translate_ids
-from model import (PRECISIONS, PRESETS, UNK, CheckpointError, build_model, keep_freed_memory_on_cpu, load_checkpoint,
-                   model_config, resolve_precision)
-from train import (TRAIN_PRESETS, Stopped, TrainConfig, TrainingError, all_parts, barrier, from_main, gather, is_main,
-                   process_device, remove_loop_files, shard, start_processes, stop_processes, train_model,
-                   world_size)
+from data import (TASKS, BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, read_lines,
+                  write_text_atomic)
+from decode import (HelpFormatter, NBest, ids_to_text, nbest, score_pairs, sentence_bleu,
+                    translate_ids)
+from model import (PRECISIONS, PRESETS, UNK, CheckpointError, build_model, keep_freed_memory_on_cpu,
+                   load_checkpoint, model_config, resolve_precision)
+from train import (TRAIN_PRESETS, Stopped, TrainConfig, TrainingError, all_parts, barrier,
+                   from_main, gather, is_main, process_device, remove_loop_files, shard,
+                   start_processes, stop_processes, train_model, world_size)
 
 SELECTIONS = ("nar", "random", "ar-top1", "nar-crossfit")
 CONTROLS = ("random", "ar-top1")          # what --controls adds to the paper's selection
@@ -63,31 +67,39 @@ class DataConfig:
     max_len: int = None           # longest sentence in tokens (None: the preset's)
     max_train_pairs: int = None
     toy_train_size: int = None    # training pairs of the embedded task (None: the task's own)
-    distillation_targets: str = None  # a file of the first NAR model's targets, one line per line of
-                                      # train.SRC (e.g. a stronger teacher's outputs); None: AR_0's beam
+    # a file of the first NAR model's targets, one line per line of train.SRC (e.g. a stronger
+    # teacher's outputs); None: AR_0's beam
+    distillation_targets: str = None
 
 
 @dataclass
 class EMConfig:
     iterations: int = 2           # EM iterations after distillation
     candidates: int = 20          # N of the AR N-best that Q is drawn from (the official code: 20)
-    quality_margin: float = 1.0   # Q: candidates within this many nats (length-normalised AR score) of
-                                  # the AR model's best; None: all N (the official code)
-    selection: str = "nar"        # E-step: "nar" (the paper), the controls "random" and "ar-top1", or
-                                  # "nar-crossfit": NAR models that never trained on the source judge it
-    crossfit_folds: int = 2       # K of nar-crossfit: K extra NAR models per E-step, each on (K-1)/K
+    # Q: candidates within this many nats (length-normalised AR score) of the AR model's best;
+    # None: all N (the official code)
+    quality_margin: float = 1.0
+    # E-step: "nar" (the paper), the controls "random" and "ar-top1", or "nar-crossfit": NAR
+    # models that never trained on the source judge it
+    selection: str = "nar"
+    # K of nar-crossfit: K extra NAR models per E-step, each on (K-1)/K
+    crossfit_folds: int = 2
     kd_beam: int = 5              # beam of the AR outputs that train NAR models (M-step, KD)
     alpha: float = 1.0            # length penalty exponent of beam search and NPD rescoring
-    init: str = "scratch"         # each iteration's models start from scratch or from the previous ones
+    # each iteration's models start from scratch or from the previous ones
+    init: str = "scratch"
 
 
 @dataclass
 class ReportConfig:
     beam: int = 5                 # AR beam when evaluating
-    length_beam: int = 9          # NAR length candidates rescored by the AR model (NPD; the paper: 9)
-    entropy_pairs: int = 20000    # training pairs H(y|x) is measured on (a fixed sample beyond that)
+    # NAR length candidates rescored by the AR model (NPD; the paper: 9)
+    length_beam: int = 9
+    # training pairs H(y|x) is measured on (a fixed sample beyond that)
+    entropy_pairs: int = 20000
     speed_sentences: int = 50     # test sentences timed at batch size 1 for the speed-up column
-    examples: int = 2             # test sentences printed as text after each stage (and one E-step source)
+    # test sentences printed as text after each stage (and one E-step source)
+    examples: int = 2
 
 
 @dataclass
@@ -106,9 +118,11 @@ class RunConfig:
 # ------------------------------------------------------------------------------------------------
 def distil(run, ar_model):
     """Sequence-level knowledge distillation, the M-step's targets: the AR model's beam-search
-    translation of every training source (each process translates its shard; all get the whole list)."""
-    return gather(translate_ids(ar_model, shard(run.train_sources), method="beam", beam=run.em.kd_beam,
-                                alpha=run.em.alpha, max_tokens=run.decode_tokens, device=run.device,
+    translation of every training source (each process translates its shard; all get the whole
+    list)."""
+    return gather(translate_ids(ar_model, shard(run.train_sources), method="beam",
+                                beam=run.em.kd_beam, alpha=run.em.alpha,
+                                max_tokens=run.decode_tokens, device=run.device,
                                 progress=is_main(), precision=run.precision))
 
 
@@ -123,14 +137,15 @@ def first_distillation_targets(run, ar_model):
 def ar_nbest(run, ar_model, sources):
     """The AR model's N best beam-search candidates of every source, and their length-normalised
     scores (a decode.NBest: compact arrays): what the E-step's Q is drawn from."""
-    part = nbest(ar_model, shard(sources), run.em.candidates, alpha=run.em.alpha, max_tokens=run.decode_tokens,
-                 device=run.device, progress=is_main(), precision=run.precision)
+    part = nbest(ar_model, shard(sources), run.em.candidates, alpha=run.em.alpha,
+                 max_tokens=run.decode_tokens, device=run.device, progress=is_main(),
+                 precision=run.precision)
     return NBest.interleave(all_parts(part))
 
 
 def quality_constrained_set(candidates, ar_scores, margin):
-    """The E-step's set Q for one source: its AR N-best candidates (good translations by construction,
-    as in the official code) that are also within `margin` nats of the AR model's best
+    """The E-step's set Q for one source: its AR N-best candidates (good translations by
+    construction, as in the official code) that are also within `margin` nats of the AR model's best
     length-normalised score (None: no margin). The paper's constraint asks for targets of high
     expected quality; the margin makes that explicit where the N-best list reaches far below the AR
     model's own choice. Candidates whose AR score is -inf (a beam wider than the output space holds
@@ -143,10 +158,11 @@ def quality_constrained_set(candidates, ar_scores, margin):
 
 
 def nar_scores(run, nar_model, pairs):
-    """Sentence log-likelihoods log p_NAR(y|x) of (source, target) id pairs, in the order of `pairs`.
-    Under torchrun every process scores its share and the scores are gathered, so every process must
-    call it."""
-    return gather(score_pairs(nar_model, shard(pairs), run.decode_tokens, run.device, run.precision))
+    """Sentence log-likelihoods log p_NAR(y|x) of (source, target) id pairs, in the order of
+    `pairs`. Under torchrun every process scores its share and the scores are gathered, so every
+    process must call it."""
+    return gather(score_pairs(nar_model, shard(pairs), run.decode_tokens, run.device,
+                              run.precision))
 
 
 def select_by_nar_likelihood(run, nar_model, sources, sets):
@@ -159,9 +175,9 @@ def select_by_nar_likelihood(run, nar_model, sources, sets):
 def candidate_nar_scores(run, nar_model, sources, sets):
     """The full NAR log-likelihood log p(T|x) + sum_t log p(y_t|x,T) (no token masked, NOT
     length-normalised, output layer in float32: Transformer.score) of every candidate in every
-    source's set, as one list per set; -inf where the NAR model cannot score the candidate (empty, as
-    its length classes start at 1, or longer than its max_len). All pairs are scored in one batched
-    call of nar_scores."""
+    source's set, as one list per set; -inf where the NAR model cannot score the candidate (empty,
+    as its length classes start at 1, or longer than its max_len). All pairs are scored in one
+    batched call of nar_scores."""
     flat = [(i, j) for i, cands in enumerate(sets) for j, cand in enumerate(cands)
             if 0 < len(cand) <= nar_model.cfg.max_len]
     flat_scores = nar_scores(run, nar_model, [(sources[i], sets[i][j]) for i, j in flat])
@@ -172,40 +188,46 @@ def candidate_nar_scores(run, nar_model, sources, sets):
 
 
 def best_candidates(sets, scores):
-    """Each set's candidate of highest score, and that score. Returns (selected, best scores). Of equal
-    scores the earlier candidate wins (the AR model ranked it higher); a set whose candidates all score
-    -inf keeps its first."""
+    """Each set's candidate of highest score, and that score. Returns (selected, best scores). Of
+    equal scores the earlier candidate wins (the AR model ranked it higher); a set whose candidates
+    all score -inf keeps its first."""
     picks = [max(range(len(row)), key=row.__getitem__) for row in scores]
     return [cands[j] for cands, j in zip(sets, picks)], [row[j] for row, j in zip(scores, picks)]
 # <<< exercise 7
 
 
 def select(selection, sets, scores, seed):
-    """The E-step's choice within Q: the NAR model's favourite (the paper), or a control: a random member
-    of Q, or the AR model's own top-1 (one more round of distillation from a retrained AR model)."""
+    """The E-step's choice within Q: the NAR model's favourite (the paper), or a control: a random
+    member of Q, or the AR model's own top-1 (one more round of distillation from a retrained AR
+    model)."""
     if selection in ("nar", "nar-crossfit"):
         return best_candidates(sets, scores)[0]
     if selection == "random":
         rng = random.Random(seed)
         return [rng.choice(cands) for cands in sets]
-    return [cands[0] for cands in sets]                               # ar-top1: the N-best is sorted
+    # ar-top1: the N-best is sorted
+    return [cands[0] for cands in sets]
 
 
 @dataclass
 class EStep:
     """What an E-step computed: the targets, and how (the N-best, Q, the NAR scores of Q)."""
     targets: list                 # one per training source
-    nbest: NBest                  # the AR N-best of every source, with their length-normalised scores
+    # the AR N-best of every source, with their length-normalised scores
+    nbest: NBest
     sets: list                    # Q of every source
     nar_scores: list              # log p_NAR of every member of Q (-inf: cannot be scored)
 
 
 def e_step(run, stage, ar_model, nar_model, iteration):
-    """E-step i: Q = AR_{i-1}'s N-best under the quality constraint; the targets = NAR_{i-1}'s choice
-    in Q (or a control's). The N-best is saved in the stage's directory and read back on resume."""
-    candidates = run.cached(stage, "candidates.tgt", lambda: ar_nbest(run, ar_model, run.train_sources),
+    """E-step i: Q = AR_{i-1}'s N-best under the quality constraint; the targets = NAR_{i-1}'s
+    choice in Q (or a control's). The N-best is saved in the stage's directory and read back on
+    resume."""
+    candidates = run.cached(stage, "candidates.tgt",
+                            lambda: ar_nbest(run, ar_model, run.train_sources),
                             run.write_nbest, run.read_nbest)
-    sets = [quality_constrained_set(candidates.candidates(i), candidates.scores[i].tolist(), run.em.quality_margin)
+    sets = [quality_constrained_set(candidates.candidates(i), candidates.scores[i].tolist(),
+                                    run.em.quality_margin)
             for i in range(len(candidates))]
     if run.em.selection == "nar-crossfit":
         scores = crossfit_scores(run, stage, iteration, sets)
@@ -226,18 +248,22 @@ def crossfit_folds(sources, k, seed):
 
 def crossfit_scores(run, stage, iteration, sets):
     """The NAR scores of a cross-fitted E-step (a control for memorisation): K NAR models, model k
-    trained like NAR_{i-1} (its targets and steps) on the sources outside fold k, score the candidates
-    of fold k's sources, so no candidate is judged by a model that trained on its source. Each fold's
-    scores are computed once into <stage>/fold<k>.json (its model into <stage>/fold<k>/)."""
+    trained like NAR_{i-1} (its targets and steps) on the sources outside fold k, score the
+    candidates of fold k's sources, so no candidate is judged by a model that trained on its source.
+    Each fold's scores are computed once into <stage>/fold<k>.json (its model into
+    <stage>/fold<k>/)."""
     previous = "nar-kd" if iteration == 1 else f"em{iteration - 1}-nar"
     targets = run.read_ids(os.path.join(run.stage_dir(previous), "train.tgt"))
-    folds = crossfit_folds(run.train_sources, run.em.crossfit_folds, run.cfg.seed * 7919 + iteration)
+    folds = crossfit_folds(run.train_sources, run.em.crossfit_folds,
+                           run.cfg.seed * 7919 + iteration)
     scores = [None] * len(sets)
     for k in range(run.em.crossfit_folds):
         held = [i for i, f in enumerate(folds) if f == k]
         trained = [i for i, f in enumerate(folds) if f != k]
-        compute = lambda: candidate_nar_scores(run, train_fold_model(run, stage, k, trained, targets),
-                                               [run.train_sources[i] for i in held], [sets[i] for i in held])
+        compute = lambda: candidate_nar_scores(run,
+                                               train_fold_model(run, stage, k, trained, targets),
+                                               [run.train_sources[i] for i in held],
+                                               [sets[i] for i in held])
         for i, row in zip(held, run.cached(stage, f"fold{k}.json", compute, write_json, read_json)):
             scores[i] = row
     return scores
@@ -253,17 +279,22 @@ def em_loop(run):
     # >>> exercise 8: the EM loop
     real = [t for _, t in run.train_ids]
     ar = run.stage("ar", "ar", "real data", lambda: real)                             # AR_0
-    run.stage("nar-raw", "nar", "real data", lambda: real, rescorer=ar)                # the NAR baseline
-    kd = "AR beam outputs (KD)" if run.cfg.data.distillation_targets is None else "precomputed KD targets"
-    nar = run.stage("nar-kd", "nar", kd, lambda: first_distillation_targets(run, ar.model()), rescorer=ar)  # NAR_0
+    # the NAR baseline
+    run.stage("nar-raw", "nar", "real data", lambda: real, rescorer=ar)
+    kd = ("AR beam outputs (KD)" if run.cfg.data.distillation_targets is None
+          else "precomputed KD targets")
+    # NAR_0
+    nar = run.stage("nar-kd", "nar", kd, lambda: first_distillation_targets(run, ar.model()),
+                    rescorer=ar)
     for i in range(1, run.em.iterations + 1):
         prev_ar, prev_nar = ar, nar
         # E-step: within Q (AR_{i-1}'s N-best), the targets NAR_{i-1} likes best; AR_i learns them.
         ar = run.stage(f"em{i}-ar", "ar", f"{prev_ar.name} N-best, {run.em.selection} selection",
-                       lambda: e_step(run, f"em{i}-ar", prev_ar.model(), prev_nar.model(), i), init_from=prev_ar)
+                       lambda: e_step(run, f"em{i}-ar", prev_ar.model(), prev_nar.model(), i),
+                       init_from=prev_ar)
         # M-step: NAR_i learns AR_i's outputs.
-        nar = run.stage(f"em{i}-nar", "nar", f"{ar.name} beam outputs", lambda: distil(run, ar.model()),
-                        init_from=prev_nar, rescorer=ar)
+        nar = run.stage(f"em{i}-nar", "nar", f"{ar.name} beam outputs",
+                        lambda: distil(run, ar.model()), init_from=prev_nar, rescorer=ar)
     return run.results
     # <<< exercise 8
 
@@ -284,8 +315,8 @@ class LazyModel:
 
 
 class Run:
-    """A run: its configuration, its data, and its directory (one subdirectory per stage, whose saved
-    artefacts `cached` reads back on resume)."""
+    """A run: its configuration, its data, and its directory (one subdirectory per stage, whose
+    saved artefacts `cached` reads back on resume)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg, self.em, self.dir = cfg, cfg.em, cfg.out
@@ -293,21 +324,25 @@ class Run:
         self.max_len = cfg.data.max_len or model_config(cfg.preset, 0, "ar").max_len
         self.decode_tokens = cfg.train.max_tokens * 4
         os.makedirs(self.dir, exist_ok=True)
+        # under torchrun rank 0 first learns the BPE and writes run.json; the other processes then
+        # read them
         if not is_main():
-            barrier()                     # under torchrun rank 0 first learns the BPE and writes run.json;
-        self.corpus = load_corpus(cfg, self.dir, self.max_len)   # the other processes then read them
+            barrier()
+        self.corpus = load_corpus(cfg, self.dir, self.max_len)
         check_run_dir(self.dir, run_settings(cfg, self.corpus, self.max_len), self.corpus.vocab)
         if is_main():
             barrier()
         self.train_ids = self.corpus.ids("train")
         self.train_sources = [s for s, _ in self.train_ids]
-        # The validation split chooses checkpoints (its loss needs pairs the model can hold); every stage
-        # is evaluated on the test split, as the paper reports, or on validation where no test split exists.
+        # The validation split chooses checkpoints (its loss needs pairs the model can hold); every
+        # stage is evaluated on the test split, as the paper reports, or on validation where no test
+        # split exists.
         self.valid_loss_pairs = validation_pairs(self.corpus, self.max_len)
         if cfg.data.distillation_targets is not None:
-            self.read_distillation_targets(cfg.data.distillation_targets)   # refused now, not after AR_0
-        self.test = report.TestSet(self.corpus, "test" if self.corpus.test else "valid", self.max_len,
-                                   self.decode_tokens, self.device, self.precision)
+            # refused now, not after AR_0
+            self.read_distillation_targets(cfg.data.distillation_targets)
+        self.test = report.TestSet(self.corpus, "test" if self.corpus.test else "valid",
+                                   self.max_len, self.decode_tokens, self.device, self.precision)
         self.results = []
 
     def stage_dir(self, name):
@@ -319,7 +354,8 @@ class Run:
         os.makedirs(self.stage_dir(stage), exist_ok=True)
         path = os.path.join(self.stage_dir(stage), name)
         saved = os.path.isfile(path)
-        barrier()                                         # every process has looked before rank 0 writes
+        # every process has looked before rank 0 writes
+        barrier()
         if saved:
             return read(path)
         value = compute()
@@ -332,14 +368,16 @@ class Run:
         result.json; or, if that file exists, read the finished stage back. Under torchrun every
         process trains and computes its share of the targets; rank 0 alone evaluates and writes."""
         path = os.path.join(self.stage_dir(name), "result.json")
-        barrier()                                                         # rank 0 has written the last stage
+        # rank 0 has written the last stage
+        barrier()
         if os.path.isfile(path):
             with open(path) as f:
                 self.results.append(json.load(f))
             print(f"[{name}] finished earlier: {path}")
             return LazyModel(self, name)
         print(f"[{name}] training {'an AR' if kind == 'ar' else 'a NAR'} model on {trained_on} ...")
-        targets, notes = self.cached(name, "train.tgt", lambda: self.targets_and_notes(make_targets),
+        targets, notes = self.cached(name, "train.tgt",
+                                     lambda: self.targets_and_notes(make_targets),
                                      self.write_targets, self.read_targets)
         model, summary = train_stage_model(self, name, new_model(self, kind, init_from), targets)
         result = None
@@ -356,8 +394,8 @@ class Run:
         return LazyModel(self, name, model)
 
     def targets_and_notes(self, make_targets):
-        """A stage's targets, and notes on how they were chosen (an E-step's: what Q held, printed with
-        one source's E-step as an example)."""
+        """A stage's targets, and notes on how they were chosen (an E-step's: what Q held, printed
+        with one source's E-step as an example)."""
         made = make_targets()
         if not isinstance(made, EStep):
             return made, {}
@@ -367,10 +405,11 @@ class Run:
                                                made.nbest.scores[0].tolist(), q, made.targets[0]))
         return made.targets, report.candidate_set_notes(self.corpus, made.sets, made.targets)
 
-    # ----- files of a run: token ids as text, one sentence per line ---------------------------------
+    # ----- files of a run: token ids as text, one sentence per line ----------------------------
     def write_ids(self, path, targets):
         """Token id lists as text, one per line (a list, or any iterable of them)."""
-        write_text_atomic(path, "".join(" ".join(self.corpus.vocab.decode(t)) + "\n" for t in targets))
+        write_text_atomic(path, "".join(" ".join(self.corpus.vocab.decode(t)) + "\n"
+                                        for t in targets))
 
     def read_ids(self, path):
         with open(path, encoding="utf-8") as f:
@@ -386,8 +425,10 @@ class Run:
             return self.read_ids(path), json.load(f)
 
     def write_nbest(self, path, candidates):
-        """The N-best as candidates.scores (a score per line), then candidates.tgt (the cache looks for it)."""
-        write_text_atomic(path[:-len(".tgt")] + ".scores", "".join(f"{s:.6f}\n" for s in candidates.scores.reshape(-1).tolist()))
+        """The N-best as candidates.scores (a score per line), then candidates.tgt (the cache looks
+        for it)."""
+        write_text_atomic(path[:-len(".tgt")] + ".scores",
+                          "".join(f"{s:.6f}\n" for s in candidates.scores.reshape(-1).tolist()))
         self.write_ids(path, (c for i in range(len(candidates)) for c in candidates.candidates(i)))
 
     def read_nbest(self, path):
@@ -401,19 +442,22 @@ class Run:
         scores = np.loadtxt(path[:-len(".tgt")] + ".scores", dtype=np.float32, ndmin=1)
         n = self.em.candidates
         return NBest(n, np.frombuffer(tokens, dtype=np.int32).copy(),
-                     np.concatenate([[0], np.cumsum(np.frombuffer(lengths, dtype=np.int64))]), scores.reshape(-1, n))
+                     np.concatenate([[0], np.cumsum(np.frombuffer(lengths, dtype=np.int64))]),
+                     scores.reshape(-1, n))
 
     def read_distillation_targets(self, path):
-        """Precomputed targets for the first NAR model: one line per line of train.SRC (the lines em-nat
-        drops, empty or too long, are dropped from both), tokenised as train.TGT: BPE-encoded with the
-        run's BPE where em-nat learned one and the file holds plain text."""
+        """Precomputed targets for the first NAR model: one line per line of train.SRC (the lines
+        em-nat drops, empty or too long, are dropped from both), tokenised as train.TGT: BPE-encoded
+        with the run's BPE where em-nat learned one and the file holds plain text."""
         corpus = self.corpus
         if corpus.train_lines is None:
-            raise DataError(f"{path}: precomputed distillation targets need a corpus directory (--data-dir)")
+            raise DataError(f"{path}: precomputed distillation targets need a corpus directory "
+                            f"(--data-dir)")
         lines = read_lines(path)
         if len(lines) != corpus.train_file_lines:
-            raise DataError(f"{path} has {len(lines)} lines but the training sources have {corpus.train_file_lines}: "
-                            f"the distillation targets must translate train.{self.cfg.data.src} line by line")
+            raise DataError(f"{path} has {len(lines)} lines but the training sources have "
+                            f"{corpus.train_file_lines}: the distillation targets must translate "
+                            f"train.{self.cfg.data.src} line by line")
         targets = [lines[i].split() for i in corpus.train_lines]
         if corpus.bpe is not None and not any("@@" in tok for t in targets[:1000] for tok in t):
             targets = [corpus.bpe.encode(t) for t in targets]
@@ -433,32 +477,37 @@ def load_corpus(cfg, directory, max_len):
     if corpus.bpe is not None and not os.path.isfile(bpe_path) and is_main():
         corpus.bpe.save(bpe_path)
     if not corpus.test:
-        print(f"{corpus.name}: no test split (test.{data.src}/test.{data.tgt}): every stage is evaluated on the "
-              f"validation split, which also chooses nothing but is not held out from tuning")
+        print(f"{corpus.name}: no test split (test.{data.src}/test.{data.tgt}): every stage is "
+              f"evaluated on the validation split, which also chooses nothing but is not held out "
+              f"from tuning")
     return corpus
 
 
 def validation_pairs(corpus, max_len):
-    """The validation pairs a training loop's validation loss is measured on (those within max_len)."""
+    """The validation pairs a training loop's validation loss is measured on (those within
+    max_len)."""
     valid_ids = corpus.ids("valid")
     pairs = [(s, t) for s, t in valid_ids if max(len(s), len(t)) <= max_len]
     if not pairs:
         raise DataError(f"{corpus.name}: none of the {len(valid_ids)} validation pairs is within "
-                        f"--max-len {max_len} tokens, so no checkpoint could be chosen; raise --max-len")
+                        f"--max-len {max_len} tokens, so no checkpoint could be chosen; "
+                        f"raise --max-len")
     return pairs
 
 
 def run_settings(cfg, corpus, max_len):
-    """Everything that shapes a run's models and saved targets, as run.json records them. An update's
-    size is recorded as batches_per_update (update_freq x processes): 8 processes with update_freq 1
-    train exactly as 1 process with update_freq 8, and may resume each other's runs."""
+    """Everything that shapes a run's models and saved targets, as run.json records them. An
+    update's size is recorded as batches_per_update (update_freq x processes): 8 processes with
+    update_freq 1 train exactly as 1 process with update_freq 8, and may resume each other's
+    runs."""
     data = asdict(cfg.data)
     if data["data_dir"] is None:
         data["bpe_merges"] = None
     train = {k: v for k, v in asdict(cfg.train).items() if k not in ("device", "update_freq")}
     train["batches_per_update"] = cfg.train.update_freq * world_size()
     em = {k: v for k, v in asdict(cfg.em).items() if k != "iterations"}
-    shown = {k: v for k, v in asdict(cfg.report).items() if k not in ("speed_sentences", "examples")}
+    shown = {k: v for k, v in asdict(cfg.report).items()
+             if k not in ("speed_sentences", "examples")}
     return {"format": RUN_FORMAT, "data": corpus.name, "preset": cfg.preset, "seed": cfg.seed,
             "vocab_size": len(corpus.vocab), "train_pairs": len(corpus.train), "max_len": max_len,
             "data_options": data, "train": train, "em": em, "report": shown}
@@ -477,35 +526,40 @@ def setting_changes(saved, current):
 
 
 def check_run_dir(directory, settings, vocab):
-    """A run directory belongs to one data set and one set of settings: resuming it with others would
-    mix models trained on different vocabularies or targets. The first call writes run.json."""
+    """A run directory belongs to one data set and one set of settings: resuming it with others
+    would mix models trained on different vocabularies or targets. The first call writes
+    run.json."""
     path = os.path.join(directory, "run.json")
     if os.path.isfile(path):
         with open(path) as f:
             saved = json.load(f)
         if saved.get("format") != RUN_FORMAT:
             raise CheckpointError(f"{path}: written by another version of em-nat (run format "
-                                  f"{saved.get('format', 1)}, this one reads {RUN_FORMAT}); use another --out")
+                                  f"{saved.get('format', 1)}, this one reads {RUN_FORMAT}); "
+                                  f"use another --out")
         changed = setting_changes(saved, settings)
         if changed:
             raise CheckpointError(f"{path}: this run directory was made with other settings "
-                                  f"({'; '.join(changed)}); use another --out or the original options")
+                                  f"({'; '.join(changed)}); use another --out or the original "
+                                  f"options")
     elif is_main():
         write_text_atomic(path, json.dumps(settings, indent=2))
     vocab_path = os.path.join(directory, "vocab.txt")
     if os.path.isfile(vocab_path) and Vocab.load(vocab_path).itos != vocab.itos:
-        raise CheckpointError(f"{vocab_path}: differs from the vocabulary of the data; use another --out for this data")
+        raise CheckpointError(f"{vocab_path}: differs from the vocabulary of the data; use another "
+                              f"--out for this data")
     if is_main():
         vocab.save(vocab_path)
 
 
 def new_model(run, kind, init_from=None):
-    """A fresh model. The seed is set right here, from the stage's place in the loop, because building
-    a model draws from the RNG: a resumed stage must start from the same weights and dropout stream as
-    an uninterrupted one."""
+    """A fresh model. The seed is set right here, from the stage's place in the loop, because
+    building a model draws from the RNG: a resumed stage must start from the same weights and
+    dropout stream as an uninterrupted one."""
     torch.manual_seed(run.cfg.seed * 1000 + len(run.results))
     dropout = {} if run.cfg.train.dropout is None else {"dropout": run.cfg.train.dropout}
-    model = build_model(model_config(run.cfg.preset, len(run.corpus.vocab), kind, max_len=run.max_len, **dropout),
+    model = build_model(model_config(run.cfg.preset, len(run.corpus.vocab), kind,
+                                     max_len=run.max_len, **dropout),
                         run.device)
     if init_from is not None and run.em.init == "warm":
         model.load_state_dict(init_from.model().state_dict())
@@ -513,30 +567,34 @@ def new_model(run, kind, init_from=None):
 
 
 def train_stage_model(run, name, model, targets):
-    """Train `model` on (training source, target) pairs into the stage's directory; the model comes back
-    in eval mode."""
+    """Train `model` on (training source, target) pairs into the stage's directory; the model comes
+    back in eval mode."""
     stage = run.stage_dir(name)
-    for file in ("vocab.txt", "bpe.codes"):                   # a stage directory is a usable checkpoint
+    # a stage directory is a usable checkpoint
+    for file in ("vocab.txt", "bpe.codes"):
         if os.path.isfile(os.path.join(run.dir, file)) and is_main():
             shutil.copyfile(os.path.join(run.dir, file), os.path.join(stage, file))
     pairs = [(s, t) for s, t in zip(run.train_sources, targets) if 0 < len(t) <= run.max_len]
     if len(pairs) < len(targets):
-        print(f"{name}: {len(targets) - len(pairs)} of {len(targets)} targets are empty or longer than "
-              f"{run.max_len} tokens and are left out")
+        print(f"{name}: {len(targets) - len(pairs)} of {len(targets)} targets are empty or longer "
+              f"than {run.max_len} tokens and are left out")
     return train_model(model, pairs, run.valid_loss_pairs, run.cfg.train, stage, desc=name,
                        meta={"stage": name, "is_bpe": run.corpus.is_bpe, "alpha": run.em.alpha})
 
 
 def train_fold_model(run, stage, k, indices, targets):
-    """A cross-fitting NAR model: trained on the training pairs `indices` (those outside fold k) with
-    `targets`, into <stage>/fold<k>; resumable like a stage."""
+    """A cross-fitting NAR model: trained on the training pairs `indices` (those outside fold k)
+    with `targets`, into <stage>/fold<k>; resumable like a stage."""
     torch.manual_seed(run.cfg.seed * 1000 + 100 * (k + 1) + len(run.results))
     dropout = {} if run.cfg.train.dropout is None else {"dropout": run.cfg.train.dropout}
-    model = build_model(model_config(run.cfg.preset, len(run.corpus.vocab), "nar", max_len=run.max_len, **dropout),
+    model = build_model(model_config(run.cfg.preset, len(run.corpus.vocab), "nar",
+                                     max_len=run.max_len, **dropout),
                         run.device)
-    pairs = [(run.train_sources[i], targets[i]) for i in indices if 0 < len(targets[i]) <= run.max_len]
+    pairs = [(run.train_sources[i], targets[i]) for i in indices
+             if 0 < len(targets[i]) <= run.max_len]
     directory = os.path.join(run.stage_dir(stage), f"fold{k}")
-    model, _ = train_model(model, pairs, run.valid_loss_pairs, run.cfg.train, directory, desc=f"{stage} fold {k}")
+    model, _ = train_model(model, pairs, run.valid_loss_pairs, run.cfg.train, directory,
+                           desc=f"{stage} fold {k}")
     remove_loop_files(directory)
     return model
 
@@ -551,14 +609,15 @@ def read_json(path):
 
 
 def evaluate_stage(run, model, kind, targets, rescorer):
-    """A stage's results: its model on the test split (report.evaluate_*) and the multi-modality of its
-    training targets. Returns (results, the test outputs of each decoder)."""
+    """A stage's results: its model on the test split (report.evaluate_*) and the multi-modality of
+    its training targets. Returns (results, the test outputs of each decoder)."""
     shown = run.cfg.report
     if kind == "ar":
         result, outputs = report.evaluate_ar(model, run.test, shown.beam, run.em.alpha)
     else:
-        result, outputs = report.evaluate_nar(model, rescorer.model(), run.test, shown.beam, run.em.alpha,
-                                              shown.length_beam, shown.speed_sentences)
+        result, outputs = report.evaluate_nar(model, rescorer.model(), run.test, shown.beam,
+                                              run.em.alpha, shown.length_beam,
+                                              shown.speed_sentences)
     sample = report.entropy_sample(list(zip(run.train_sources, targets)), shown.entropy_pairs)
     result.update(split=run.test.split, targets_entropy=report.alignment_entropy(sample),
                   targets_entropy_pairs=len(sample), targets_nll=None)
@@ -582,9 +641,10 @@ def run_pipeline(cfg: RunConfig):
     """Run (or resume) the whole pipeline of one configuration and print its tables. Raises
     DataError / CheckpointError / TrainingError with a one-line message; main reports them."""
     run = Run(cfg)
-    print(f"em-nat: {run.corpus.name}, {len(run.train_ids)} training pairs, vocabulary {len(run.corpus.vocab)}, "
-          f"preset {cfg.preset}, device {run.device} ({run.precision}), {world_size()} process(es), "
-          f"{torch.get_num_threads()} threads, run directory {run.dir}")
+    print(f"em-nat: {run.corpus.name}, {len(run.train_ids)} training pairs, "
+          f"vocabulary {len(run.corpus.vocab)}, preset {cfg.preset}, device {run.device} "
+          f"({run.precision}), {world_size()} process(es), {torch.get_num_threads()} threads, "
+          f"run directory {run.dir}")
     results = em_loop(run)
     if is_main():
         print_results(run, results)
@@ -598,17 +658,19 @@ MARGINS = (None, 3.0, 2.0, 1.0, 0.5, 0.0)      # 0: Q = the AR top-1 alone, i.e.
 
 
 def margin_study(cfg: RunConfig, margins=MARGINS):
-    """How the quality margin shapes the first E-step, measured on a finished run (AR_0 in ar/, its saved
-    N-best of the training sources in em1-ar/, NAR_0 in nar-kd/), training nothing: for each margin,
-    Q's mean size, the share of selections that are the AR top-1, and the selected targets' quality:
-    on the embedded task exactly (invalid share, mode entropy, Q valid%), on real data their sentence
-    BLEU against the reference. The same for held-out sources (the test split), which NAR_0 never
-    trained on: where NAR_0 re-picks the AR top-1 far more often on its own training sources, it
-    remembers its training targets rather than judging the candidates. Prints a table; returns its rows."""
+    """How the quality margin shapes the first E-step, measured on a finished run (AR_0 in ar/, its
+    saved N-best of the training sources in em1-ar/, NAR_0 in nar-kd/), training nothing: for each
+    margin, Q's mean size, the share of selections that are the AR top-1, and the selected targets'
+    quality: on the embedded task exactly (invalid share, mode entropy, Q valid%), on real data
+    their sentence BLEU against the reference. The same for held-out sources (the test split), which
+    NAR_0 never trained on: where NAR_0 re-picks the AR top-1 far more often on its own training
+    sources, it remembers its training targets rather than judging the candidates. Prints a table;
+    returns its rows."""
     run = Run(cfg)
     saved = os.path.join(run.stage_dir("em1-ar"), "candidates.tgt")
     if not os.path.isfile(saved):
-        raise CheckpointError(f"{run.stage_dir('em1-ar')}: no saved N-best; run the pipeline into {cfg.out} first")
+        raise CheckpointError(f"{run.stage_dir('em1-ar')}: no saved N-best; run the pipeline "
+                              f"into {cfg.out} first")
     nar_model, rows = LazyModel(run, "nar-kd").model(), []
     for split in ("train", run.test.split):
         if split == "train":
@@ -622,16 +684,19 @@ def margin_study(cfg: RunConfig, margins=MARGINS):
 
 
 def margin_rows(run, nar_model, split, sources, candidates, ar_scores, margins):
-    """The margin study's rows for one set of sources: the candidates scored once by the NAR model, then
-    for each margin, Q and the E-step's selection in it (the E-step's own functions)."""
+    """The margin study's rows for one set of sources: the candidates scored once by the NAR model,
+    then for each margin, Q and the E-step's selection in it (the E-step's own functions)."""
     scores = candidate_nar_scores(run, nar_model, sources, candidates)
     refs = [ids_to_text(t, run.corpus.vocab, run.corpus.is_bpe) for _, t in run.corpus.ids(split)]
     rows = []
     for margin in margins:
-        keep = [quality_constrained_set(range(len(s)), s, margin) for s in ar_scores]      # Q, as indices
+        # Q, as indices
+        keep = [quality_constrained_set(range(len(s)), s, margin) for s in ar_scores]
         sets = [[candidates[i][j] for j in js] for i, js in enumerate(keep)]
-        targets, _ = best_candidates(sets, [[scores[i][j] for j in js] for i, js in enumerate(keep)])
-        row = {"sources": split, "margin": margin, **report.candidate_set_notes(run.corpus, sets, targets, split)}
+        targets, _ = best_candidates(sets, [[scores[i][j] for j in js]
+                                            for i, js in enumerate(keep)])
+        row = {"sources": split, "margin": margin,
+               **report.candidate_set_notes(run.corpus, sets, targets, split)}
         if run.corpus.toy is not None:
             row.update(report.target_modes(run.corpus, targets, split))
         else:
@@ -646,13 +711,15 @@ def copy_shared_stages(source_dir, target_dir, stages=("ar", "nar-raw", "nar-kd"
     finished stages before them."""
     for name in stages:
         src, dst = os.path.join(source_dir, name), os.path.join(target_dir, name)
-        if os.path.isfile(os.path.join(src, "result.json")) and not os.path.exists(dst) and is_main():
+        if (os.path.isfile(os.path.join(src, "result.json")) and not os.path.exists(dst)
+                and is_main()):
             shutil.copytree(src, dst)
 
 
 def run_seeds(cfg: RunConfig, seeds, selections):
     """The pipeline once per seed (and per E-step selection: the paper's and the controls), each in
-    <out>/seed<N>[-<selection>]; then one table of every stage's mean, min and max over the seeds."""
+    <out>/seed<N>[-<selection>]; then one table of every stage's mean, min and max over the
+    seeds."""
     by_stage = {}
     for seed in seeds:
         base = os.path.join(cfg.out, f"seed{seed}")
@@ -677,11 +744,13 @@ def run_seeds(cfg: RunConfig, seeds, selections):
 def benchmark(cfg: RunConfig, steps, sentences):
     """Training and N-best throughput on the corpus of --data-dir (report.benchmark)."""
     if cfg.data.data_dir is None:
-        raise DataError("--benchmark measures a real corpus: give --data-dir (e.g. the IWSLT14 De-En directory)")
+        raise DataError("--benchmark measures a real corpus: give --data-dir (e.g. the IWSLT14 "
+                        "De-En directory)")
     corpus = load_corpus_dir(cfg.data.data_dir, cfg.data.src, cfg.data.tgt, cfg.data.bpe_merges,
                              model_config(cfg.preset, 0, "ar").max_len, log=lambda *a: None)
-    print(f"benchmark: {corpus.name}, {len(corpus.train)} training pairs, vocabulary {len(corpus.vocab)}, preset "
-          f"{cfg.preset}, {cfg.train.max_tokens}-token batches, device {cfg.train.device} ({cfg.train.precision}), "
+    print(f"benchmark: {corpus.name}, {len(corpus.train)} training pairs, "
+          f"vocabulary {len(corpus.vocab)}, preset {cfg.preset}, {cfg.train.max_tokens}-token "
+          f"batches, device {cfg.train.device} ({cfg.train.precision}), "
           f"{torch.get_num_threads()} threads")
     return report.benchmark(corpus, cfg.preset, cfg.train, steps, sentences, cfg.em.candidates)
 
@@ -696,7 +765,8 @@ def margin_value(text):
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of nats or 'none', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number of nats or 'none', "
+                                         f"got {text!r}") from None
 
 
 def preset_help():
@@ -704,9 +774,9 @@ def preset_help():
     lines = []
     for name in PRESETS:
         m, t = PRESETS[name], TRAIN_PRESETS[name]
-        lines.append(f"  {name:<6} d_model {m['d_model']}, {m['enc_layers']}+{m['dec_layers']} layers, dropout "
-                     f"{m['dropout']}; {t['ar_steps']} AR / {t['nar_steps']} NAR steps of {t['max_tokens']} tokens, "
-                     f"lr {t['lr']}")
+        lines.append(f"  {name:<6} d_model {m['d_model']}, {m['enc_layers']}+{m['dec_layers']} "
+                     f"layers, dropout {m['dropout']}; {t['ar_steps']} AR / {t['nar_steps']} NAR "
+                     f"steps of {t['max_tokens']} tokens, lr {t['lr']}")
     return "\n".join(lines)
 
 
@@ -714,7 +784,8 @@ EXAMPLES = """presets (model size; steps per stage: a run trains 3 + 2 x --em-it
 {presets}
 
 examples:
-  python train.py                                        # the embedded task, ~10 min on a laptop CPU
+  python train.py                                        # the embedded task, ~10 min on a laptop \
+CPU
   python train.py --seed 2 --out runs/seed2              # another seed of the same
   python train.py --data-dir DIR --preset iwslt          # IWSLT14 De-En on a GPU (fairseq layout)
   torchrun --nproc_per_node 8 train.py --data-dir DIR --preset base   # several GPUs
@@ -725,75 +796,97 @@ examples:
 def build_parser():
     p = argparse.ArgumentParser(
         prog="train.py",
-        description="Run the whole EM pipeline of Sun & Yang (2020): an AR model, a NAR model on the raw\n"
-                    "data, a NAR model after knowledge distillation, then EM iterations; prints one table of\n"
-                    "results per stage. With no arguments it runs on the embedded toy task in about 10\n"
-                    "minutes on a laptop CPU. Running the same command again resumes where it stopped.",
+        description="Run the whole EM pipeline of Sun & Yang (2020): an AR model, a NAR model "
+                    "on the raw\n"
+                    "data, a NAR model after knowledge distillation, then EM iterations; prints "
+                    "one table of\n"
+                    "results per stage. With no arguments it runs on the embedded toy task in "
+                    "about 10\n"
+                    "minutes on a laptop CPU. Running the same command again resumes where it "
+                    "stopped.",
         epilog=EXAMPLES.format(presets=preset_help()), formatter_class=HelpFormatter)
     add_data_options(p.add_argument_group("data"))
     add_training_options(p.add_argument_group("model and training"))
     add_em_options(p.add_argument_group("EM loop and evaluation"))
     r = p.add_argument_group("run")
-    r.add_argument("--out", help="run directory (default: runs/<data>-<preset>); re-running resumes it")
-    r.add_argument("--device", help="cpu, cuda or mps (default: the best available; under torchrun each "
-                                    "process takes the GPU of its local rank)")
+    r.add_argument("--out",
+                   help="run directory (default: runs/<data>-<preset>); re-running resumes it")
+    r.add_argument("--device", help="cpu, cuda or mps (default: the best available; under "
+                                    "torchrun each process takes the GPU of its local rank)")
     r.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 autocast on a GPU with native bf16 (compute capability 8.0+), else fp32")
-    r.add_argument("--threads", type=int, help="CPU threads (default: torch's, usually the number of cores); "
-                                               "figures on the CPU change a little with it")
-    r.add_argument("--seed", type=int, default=1, help="seed of the toy data, the weights and the batches")
+                   help="auto: bf16 autocast on a GPU with native bf16 (compute capability 8.0+), "
+                        "else fp32")
+    r.add_argument("--threads", type=int, help="CPU threads (default: torch's, usually the number "
+                                               "of cores); figures on the CPU change a little "
+                                               "with it")
+    r.add_argument("--seed", type=int, default=1,
+                   help="seed of the toy data, the weights and the batches")
     s = p.add_argument_group("studies and diagnostics (a first run needs none of these)")
     s.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                   help="run the pipeline once per seed (in OUT/seed<N>) and print each stage's mean, min and max")
+                   help="run the pipeline once per seed (in OUT/seed<N>) and print each stage's "
+                        "mean, min and max")
     s.add_argument("--controls", action="store_true",
-                   help="with --seeds: also run the E-step controls (random and AR top-1 selection) on every seed")
+                   help="with --seeds: also run the E-step controls (random and AR top-1 "
+                        "selection) on every seed")
     s.add_argument("--margin-study", action="store_true",
-                   help="read a finished run (--out and its options) and print how each quality margin "
-                        "shapes its first E-step (Q's size, the selections, their quality), then exit")
+                   help="read a finished run (--out and its options) and print how each quality "
+                        "margin shapes its first E-step (Q's size, the selections, their "
+                        "quality), then exit")
     s.add_argument("--benchmark", action="store_true",
-                   help="measure AR/NAR training throughput and N-best beam search speed on the corpus of "
-                        "--data-dir, then exit")
+                   help="measure AR/NAR training throughput and N-best beam search speed on the "
+                        "corpus of --data-dir, then exit")
     s.add_argument("--benchmark-steps", type=int, default=20, help="training steps timed per model")
-    s.add_argument("--benchmark-sentences", type=int, default=200, help="sentences decoded for N-best speed")
+    s.add_argument("--benchmark-sentences", type=int, default=200,
+                   help="sentences decoded for N-best speed")
     return p
 
 
 def add_data_options(d):
-    d.add_argument("--data-dir", help="corpus directory in the fairseq layout (train/valid/test.SRC/.TGT, "
-                                      "tokenised text); default: the embedded toy task, generated from --seed")
+    d.add_argument("--data-dir", help="corpus directory in the fairseq layout "
+                                      "(train/valid/test.SRC/.TGT, tokenised text); default: the "
+                                      "embedded toy task, generated from --seed")
     d.add_argument("--src", default="de", help="source language suffix")
     d.add_argument("--tgt", default="en", help="target language suffix")
     d.add_argument("--bpe-merges", type=int, default=10000,
                    help="joint BPE merges learned on plain text (0: use the text as it is)")
-    d.add_argument("--max-train-pairs", type=int, help="use only the first N training pairs (default: all)")
+    d.add_argument("--max-train-pairs", type=int,
+                   help="use only the first N training pairs (default: all)")
     d.add_argument("--task", choices=sorted(TASKS), default="toy",
                    help="the embedded task when there is no --data-dir: " +
-                        "; ".join(f"{name}: {spec.about}" for name, spec in TASKS.items()).replace("%", "%%"))
-    d.add_argument("--toy-train-size", type=int, help="training pairs of the embedded task (default: the task's, "
-                                                      "6000 for toy)")
+                        "; ".join(f"{name}: {spec.about}"
+                                  for name, spec in TASKS.items()).replace("%", "%%"))
+    d.add_argument("--toy-train-size", type=int, help="training pairs of the embedded task "
+                                                      "(default: the task's, 6000 for toy)")
     d.add_argument("--distillation-targets", metavar="FILE",
-                   help="the first NAR model's targets, precomputed (e.g. by a stronger teacher): one line per "
-                        "line of train.SRC, tokenised as train.TGT (default: AR_0's beam outputs)")
+                   help="the first NAR model's targets, precomputed (e.g. by a stronger teacher): "
+                        "one line per line of train.SRC, tokenised as train.TGT (default: AR_0's "
+                        "beam outputs)")
 
 
 def add_training_options(m):
-    m.add_argument("--preset", choices=sorted(PRESETS), help="model size and schedule, listed below (default: "
-                                                           "toy on the toy task, iwslt with --data-dir)")
-    m.add_argument("--max-len", type=int, help="longest sentence in tokens (positions, length classes); longer "
-                                               "training pairs are dropped (default: the preset's)")
-    m.add_argument("--ar-steps", type=int, help="optimizer steps per AR model (default: the preset's)")
-    m.add_argument("--nar-steps", type=int, help="optimizer steps per NAR model (default: the preset's)")
+    m.add_argument("--preset", choices=sorted(PRESETS), help="model size and schedule, listed "
+                                                           "below (default: toy on the toy task, "
+                                                           "iwslt with --data-dir)")
+    m.add_argument("--max-len", type=int, help="longest sentence in tokens (positions, length "
+                                               "classes); longer training pairs are dropped "
+                                               "(default: the preset's)")
+    m.add_argument("--ar-steps", type=int,
+                   help="optimizer steps per AR model (default: the preset's)")
+    m.add_argument("--nar-steps", type=int,
+                   help="optimizer steps per NAR model (default: the preset's)")
     m.add_argument("--max-tokens", type=int, help="token budget of a batch (default: the preset's)")
     m.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     m.add_argument("--warmup", type=int, help="warm-up steps (default: the preset's)")
-    m.add_argument("--valid-every", type=int, help="steps between validations (default: the preset's)")
+    m.add_argument("--valid-every", type=int,
+                   help="steps between validations (default: the preset's)")
     m.add_argument("--dropout", type=float, help="dropout of every model (default: the preset's)")
     m.add_argument("--update-freq", type=int, default=1,
-                   help="batches whose gradients make one update (per process; under torchrun each of the N "
-                        "processes takes K batches: an update of N x K batches)")
+                   help="batches whose gradients make one update (per process; under torchrun each "
+                        "of the N processes takes K batches: an update of N x K batches)")
     m.add_argument("--final-model", choices=["last", "best"], default="last",
-                   help="each stage's model: the last step's (as the paper's scripts), or the checkpoint of "
-                        "lowest validation loss (misleading for NAR models trained on distilled targets)")
+                   help="each stage's model: the last step's (as the paper's scripts), or the "
+                        "checkpoint of lowest validation loss (misleading for NAR models trained "
+                        "on distilled targets)")
     m.add_argument("--average-last", type=int, default=1, metavar="K",
                    help="with --final-model last: the mean of the last K checkpoints, taken every "
                         "--valid-every steps (as fairseq's average_checkpoints.py)")
@@ -801,29 +894,38 @@ def add_training_options(m):
 
 def add_em_options(e):
     e.add_argument("--em-iterations", type=int, default=2, help="EM iterations after distillation")
-    e.add_argument("--candidates", type=int, default=20, help="AR N-best candidates per source (E-step)")
+    e.add_argument("--candidates", type=int, default=20,
+                   help="AR N-best candidates per source (E-step)")
     e.add_argument("--quality-margin", type=margin_value, default=1.0, metavar="NATS|none",
-                   help="the E-step's set Q keeps the N-best candidates within this many nats (length-normalised "
-                        "AR score) of the AR model's best; 'none' keeps all N, as the official code")
+                   help="the E-step's set Q keeps the N-best candidates within this many nats "
+                        "(length-normalised AR score) of the AR model's best; 'none' keeps all N, "
+                        "as the official code")
     e.add_argument("--selection", choices=SELECTIONS, default="nar",
-                   help="E-step choice within Q: the NAR model's favourite (the paper), or a control: a random "
-                        "candidate, the AR model's own top-1, or nar-crossfit: the favourite of NAR models that "
-                        "never trained on the source (a control for memorisation; costs K extra NAR trainings "
-                        "per E-step)")
+                   help="E-step choice within Q: the NAR model's favourite (the paper), or a "
+                        "control: a random candidate, the AR model's own top-1, or nar-crossfit: "
+                        "the favourite of NAR models that never trained on the source (a control "
+                        "for memorisation; costs K extra NAR trainings per E-step)")
     e.add_argument("--crossfit-folds", type=int, default=2, metavar="K",
-                   help="with --selection nar-crossfit: K folds of the training sources, one NAR model each")
-    e.add_argument("--kd-beam", type=int, default=5, help="beam of the AR outputs that train NAR models")
+                   help="with --selection nar-crossfit: K folds of the training sources, one NAR "
+                        "model each")
+    e.add_argument("--kd-beam", type=int, default=5,
+                   help="beam of the AR outputs that train NAR models")
     e.add_argument("--em-init", choices=["scratch", "warm"], default="scratch",
-                   help="each EM iteration's models start from scratch or from the previous iteration's")
-    e.add_argument("--alpha", type=float, help="length penalty exponent of AR beam search and rescoring "
-                                               "(default: 1.4, the paper's IWSLT14 value, with the iwslt preset; else 1.0)")
+                   help="each EM iteration's models start from scratch or from the previous "
+                        "iteration's")
+    e.add_argument("--alpha", type=float, help="length penalty exponent of AR beam search and "
+                                               "rescoring (default: 1.4, the paper's IWSLT14 "
+                                               "value, with the iwslt preset; else 1.0)")
     e.add_argument("--beam", type=int, default=5, help="AR beam size when evaluating")
     e.add_argument("--length-beam", type=int, default=9,
-                   help="NAR length candidates rescored by the AR model (NPD, the +resc column; the paper: 9)")
+                   help="NAR length candidates rescored by the AR model (NPD, the +resc column; "
+                        "the paper: 9)")
     e.add_argument("--entropy-pairs", type=int, default=20000,
-                   help="training pairs the H(y|x) column is measured on (a fixed random sample beyond that)")
+                   help="training pairs the H(y|x) column is measured on (a fixed random sample "
+                        "beyond that)")
     e.add_argument("--speed-sentences", type=int, default=50,
-                   help="test sentences timed at batch size 1 for the speed-up column (0: not timed)")
+                   help="test sentences timed at batch size 1 for the speed-up column (0: not "
+                        "timed)")
     e.add_argument("--examples", type=int, default=2,
                    help="test sentences printed as text after each stage, with one source's E-step "
                         "candidates (0: none)")
@@ -837,21 +939,25 @@ def train_config(args, preset):
             values[name] = getattr(args, name)
     device = process_device(args.device)
     return TrainConfig(**values, update_freq=args.update_freq, final_model=args.final_model,
-                       average_last=args.average_last, dropout=args.dropout, seed=args.seed, device=device,
-                       precision=resolve_precision(args.precision, device))
+                       average_last=args.average_last, dropout=args.dropout, seed=args.seed,
+                       device=device, precision=resolve_precision(args.precision, device))
 
 
 def check_counts(args):
-    """Counts and sizes that must be positive, refused when the options are read, not after a stage."""
+    """Counts and sizes that must be positive, refused when the options are read, not after a
+    stage."""
     for name in ("candidates", "kd_beam", "beam", "length_beam", "entropy_pairs", "crossfit_folds"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
+                             f"not {getattr(args, name)}")
     for name in ("em_iterations", "speed_sentences", "examples"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, "
+                             f"not {getattr(args, name)}")
     for name in ("threads", "toy_train_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
+                             f"not {getattr(args, name)}")
     if args.selection == "nar-crossfit" and args.crossfit_folds < 2:
         raise ValueError("--selection nar-crossfit needs --crossfit-folds of 2 or more")
 
@@ -860,18 +966,24 @@ def run_config(args):
     """The command line as a RunConfig: the only place that reads the argparse namespace."""
     check_counts(args)
     preset = args.preset or ("toy" if args.data_dir is None else "iwslt")
-    default_name = "toy" if args.data_dir is None else os.path.basename(os.path.normpath(args.data_dir))
-    alpha = args.alpha if args.alpha is not None else (1.4 if preset == "iwslt" else 1.0)   # the paper: 1.4 on IWSLT14
+    default_name = ("toy" if args.data_dir is None
+                    else os.path.basename(os.path.normpath(args.data_dir)))
+    # the paper: 1.4 on IWSLT14
+    alpha = args.alpha if args.alpha is not None else (1.4 if preset == "iwslt" else 1.0)
     return RunConfig(
-        out=args.out or os.path.join("runs", f"{default_name}-{preset}"), preset=preset, seed=args.seed,
-        data=DataConfig(data_dir=args.data_dir, task=args.task, src=args.src, tgt=args.tgt, bpe_merges=args.bpe_merges,
-                        max_len=args.max_len, max_train_pairs=args.max_train_pairs,
-                        toy_train_size=args.toy_train_size, distillation_targets=args.distillation_targets),
+        out=args.out or os.path.join("runs", f"{default_name}-{preset}"), preset=preset,
+        seed=args.seed,
+        data=DataConfig(data_dir=args.data_dir, task=args.task, src=args.src, tgt=args.tgt,
+                        bpe_merges=args.bpe_merges, max_len=args.max_len,
+                        max_train_pairs=args.max_train_pairs, toy_train_size=args.toy_train_size,
+                        distillation_targets=args.distillation_targets),
         train=train_config(args, preset),
-        em=EMConfig(iterations=args.em_iterations, candidates=args.candidates, quality_margin=args.quality_margin,
-                    selection=args.selection, crossfit_folds=args.crossfit_folds, kd_beam=args.kd_beam, alpha=alpha,
+        em=EMConfig(iterations=args.em_iterations, candidates=args.candidates,
+                    quality_margin=args.quality_margin, selection=args.selection,
+                    crossfit_folds=args.crossfit_folds, kd_beam=args.kd_beam, alpha=alpha,
                     init=args.em_init),
-        report=ReportConfig(beam=args.beam, length_beam=args.length_beam, entropy_pairs=args.entropy_pairs,
+        report=ReportConfig(beam=args.beam, length_beam=args.length_beam,
+                            entropy_pairs=args.entropy_pairs,
                             speed_sentences=args.speed_sentences, examples=args.examples))
 
 
@@ -896,7 +1008,8 @@ def main(argv=None):
         elif args.margin_study:
             margin_study(cfg)
         elif args.seeds:
-            run_seeds(cfg, args.seeds, [cfg.em.selection] + (list(CONTROLS) if args.controls else []))
+            run_seeds(cfg, args.seeds,
+                      [cfg.em.selection] + (list(CONTROLS) if args.controls else []))
         else:
             run_pipeline(cfg)
     except (DataError, CheckpointError, TrainingError) as err:

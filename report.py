@@ -1,11 +1,12 @@
-"""report.py: how em-nat measures a stage and shows it. None of this is the paper's algorithm (that is
-em_nat.py); it is what lets you see whether the algorithm did what the paper says.
+"""report.py: how em-nat measures a stage and shows it. None of this is the paper's algorithm (that
+is em_nat.py); it is what lets you see whether the algorithm did what the paper says.
 
-- Multi-modality of a set of training targets: the IBM-1 alignment entropy H(y|x) (any corpus), and on
-  the embedded task, where every source's valid translations are known, exactly which of the six
+- Multi-modality of a set of training targets: the IBM-1 alignment entropy H(y|x) (any corpus), and
+  on the embedded task, where every source's valid translations are known, exactly which of the six
   translations ("modes") each target is.
 - Evaluation of a stage's model on the test split: BLEU, the valid-translation rate (embedded task),
-  repeated tokens, the NAR model's likelihood of its own targets, and the NAR speed-up at batch size 1.
+  repeated tokens, the NAR model's likelihood of its own targets, and the NAR speed-up at batch
+  size 1.
 - Printed examples, every table of a run, the summary over seeds, and the training benchmark.
 
 Every function takes models, pairs and settings; none needs em_nat's run object.
@@ -25,7 +26,8 @@ from tqdm import tqdm
 import decode
 from data import Corpus, collate, make_batches, pad_batch, remove_bpe
 from decode import NBest, ar_beam_search, bleu, ids_to_text, nar_decode, score_pairs, translate_ids
-from model import EOS, PAD, build_model, count_parameters, model_config, precision_context, synchronize
+from model import (EOS, PAD, build_model, count_parameters, model_config, precision_context,
+                   synchronize)
 from train import TrainConfig, forward_backward, make_optimizer, optimizer_step
 
 
@@ -52,9 +54,9 @@ class TestSet:
 # Multi-modality of a stage's training targets
 # ------------------------------------------------------------------------------------------------
 def target_modes(corpus, targets, split="train"):
-    """Embedded task only (its valid translations are known): which of the six valid translations each
-    target for the sources of `split` is. Returns the share of each mode (%), the mode entropy in bits
-    (uniform: 2.58; one mode everywhere: 0) and the share of invalid targets (%)."""
+    """Embedded task only (its valid translations are known): which of the six valid translations
+    each target for the sources of `split` is. Returns the share of each mode (%), the mode entropy
+    in bits (uniform: 2.58; one mode everywhere: 0) and the share of invalid targets (%)."""
     toy, words = corpus.toy, corpus.vocab.decode
     modes = [toy.mode(src, words(t)) for (src, _), t in zip(getattr(corpus, split), targets)]
     counts = Counter(m for m in modes if m is not None)
@@ -66,11 +68,13 @@ def target_modes(corpus, targets, split="train"):
 
 
 def candidate_set_notes(corpus, sets, targets, split="train"):
-    """What Q holds and what the E-step took from it: Q's mean size, the share of selections that are
-    the AR model's own top-1 (the E-step moved nothing there) and, on the embedded task, the share of
-    valid translations among Q's candidates and of sources with at least one valid candidate."""
+    """What Q holds and what the E-step took from it: Q's mean size, the share of selections that
+    are the AR model's own top-1 (the E-step moved nothing there) and, on the embedded task, the
+    share of valid translations among Q's candidates and of sources with at least one valid
+    candidate."""
     notes = {"q_size": sum(map(len, sets)) / max(len(sets), 1),
-             "q_top1": 100.0 * sum(t == cands[0] for t, cands in zip(targets, sets)) / max(len(sets), 1)}
+             "q_top1": 100.0 * sum(t == cands[0] for t, cands in zip(targets, sets))
+                       / max(len(sets), 1)}
     if corpus.toy is not None:
         toy, words = corpus.toy, corpus.vocab.decode
         valid = [[toy.mode(src, words(c)) is not None for c in cands]
@@ -82,12 +86,12 @@ def candidate_set_notes(corpus, sets, targets, split="train"):
 
 @torch.no_grad()
 def alignment_entropy(pairs, iterations=5, batch_size=2000):
-    """Corpus-level multi-modality: fit IBM Model 1 word translation probabilities t(y|x) on the pairs
-    (with a NULL source word), align every target token to its most likely source token, and return
-    the conditional entropy H(Y|X) of the aligned (x, y) pairs in bits. A corpus whose sources are
-    translated consistently one way scores low; one that mixes several valid translations of the same
-    words scores high. (Zhou et al. 2020 use fast_align and average H(y|x) over source words; we
-    weight by frequency, which is the H(Y|X) of the aligned pairs.)"""
+    """Corpus-level multi-modality: fit IBM Model 1 word translation probabilities t(y|x) on the
+    pairs (with a NULL source word), align every target token to its most likely source token, and
+    return the conditional entropy H(Y|X) of the aligned (x, y) pairs in bits. A corpus whose
+    sources are translated consistently one way scores low; one that mixes several valid
+    translations of the same words scores high. (Zhou et al. 2020 use fast_align and average H(y|x)
+    over source words; we weight by frequency, which is the H(Y|X) of the aligned pairs.)"""
     chunks, n_src, n_tgt = alignment_chunks(pairs, batch_size)
     prob = torch.full((n_src, n_tgt), 1.0 / n_tgt)                       # t(y|x), uniform start
     for _ in range(iterations):                                           # IBM-1's own EM
@@ -96,11 +100,13 @@ def alignment_entropy(pairs, iterations=5, batch_size=2000):
             posterior = align_posterior(prob, src, tgt)                   # (batch, t_len, s_len)
             s_idx = src.clamp(min=0)[:, None, :].expand_as(posterior)
             t_idx = tgt.clamp(min=0)[:, :, None].expand_as(posterior)
-            counts.index_put_((s_idx.reshape(-1), t_idx.reshape(-1)), posterior.reshape(-1), accumulate=True)
+            counts.index_put_((s_idx.reshape(-1), t_idx.reshape(-1)), posterior.reshape(-1),
+                              accumulate=True)
         prob = counts / counts.sum(1, keepdim=True).clamp(min=1e-12)
     pair_counts = torch.zeros(n_src * n_tgt)
     for src, tgt in chunks:
-        best = align_posterior(prob, src, tgt).argmax(-1)                # (batch, t_len) aligned position
+        # (batch, t_len) aligned position
+        best = align_posterior(prob, src, tgt).argmax(-1)
         x = src.clamp(min=0).gather(1, best)
         real = tgt >= 0
         pair_counts.index_add_(0, (x * n_tgt + tgt.clamp(min=0))[real], torch.ones(int(real.sum())))
@@ -110,8 +116,8 @@ def alignment_entropy(pairs, iterations=5, batch_size=2000):
 
 
 def alignment_chunks(pairs, batch_size):
-    """The pairs as dense (src, tgt) index tensors in chunks of batch_size, -1 padded, source position 0
-    being NULL; and the source and target vocabulary sizes (NULL included)."""
+    """The pairs as dense (src, tgt) index tensors in chunks of batch_size, -1 padded, source
+    position 0 being NULL; and the source and target vocabulary sizes (NULL included)."""
     src_ids = sorted({w for s, _ in pairs for w in s})
     tgt_ids = sorted({w for _, t in pairs for w in t})
     src_index = {w: i + 1 for i, w in enumerate(src_ids)}              # 0 = NULL
@@ -133,7 +139,8 @@ def alignment_chunks(pairs, batch_size):
 def align_posterior(prob, src, tgt):
     """IBM Model 1: p(a_j = i | x, y) proportional to t(y_j | x_i). src (batch, s_len), tgt
     (batch, t_len), -1 padded -> (batch, t_len, s_len), zero at padding."""
-    scores = prob[src.clamp(min=0)[:, None, :], tgt.clamp(min=0)[:, :, None]]  # (batch, t_len, s_len)
+    # (batch, t_len, s_len)
+    scores = prob[src.clamp(min=0)[:, None, :], tgt.clamp(min=0)[:, :, None]]
     scores = scores * (src >= 0)[:, None, :] * (tgt >= 0)[:, :, None]
     return scores / scores.sum(-1, keepdim=True).clamp(min=1e-12)
 
@@ -151,7 +158,8 @@ def entropy_sample(pairs, size, seed=0):
 # Evaluation of a stage's model on the test split
 # ------------------------------------------------------------------------------------------------
 def repeat_rate(outputs):
-    """Percentage of output tokens equal to the token before them: the NAR multi-modality symptom."""
+    """Percentage of output tokens equal to the token before them: the NAR multi-modality
+    symptom."""
     repeats = sum(a == b for out in outputs for a, b in zip(out, out[1:]))
     return 100.0 * repeats / max(sum(len(out) for out in outputs), 1)
 
@@ -178,7 +186,8 @@ def targets_nll(nar_model, sources, targets, max_len, max_tokens, device, limit=
     on. Targets that mix several translations of the same sources cannot all be likely: lower is
     simpler."""
     pairs = [(s, t) for s, t in zip(sources, targets) if 0 < len(t) <= max_len][:limit]
-    return -sum(score_pairs(nar_model, pairs, max_tokens, device)) / max(sum(len(t) for _, t in pairs), 1)
+    return (-sum(score_pairs(nar_model, pairs, max_tokens, device))
+            / max(sum(len(t) for _, t in pairs), 1))
 
 
 def time_per_sentence(fn, sources, device):
@@ -204,18 +213,19 @@ def evaluate_nar(nar_model, ar_model, test, beam, alpha, length_beam, speed_sent
     rescored by the AR model (NPD); and the speed-up of NAR ODD over AR beam search at batch size 1,
     timed side by side on the first `speed_sentences` sentences (0: not timed).
     Returns (result, {"argmax": ..., "ODD": ..., "NPD": ...} outputs)."""
-    common = dict(method="nar", max_tokens=test.max_tokens, device=test.device, precision=test.precision)
+    common = dict(method="nar", max_tokens=test.max_tokens, device=test.device,
+                  precision=test.precision)
     argmax = translate_ids(nar_model, test.sources, odd=False, **common)
     odd = translate_ids(nar_model, test.sources, odd=True, **common)
-    rescored = translate_ids(nar_model, test.sources, odd=True, length_beam=length_beam, rescorer=ar_model,
-                             alpha=alpha, **common)
-    result = {**bleu_scores(test, odd), "repeats": repeat_rate(argmax), "ar_beam_ms": None, "nar_ms": None,
-              "speedup": None}
+    rescored = translate_ids(nar_model, test.sources, odd=True, length_beam=length_beam,
+                             rescorer=ar_model, alpha=alpha, **common)
+    result = {**bleu_scores(test, odd), "repeats": repeat_rate(argmax), "ar_beam_ms": None,
+              "nar_ms": None, "speedup": None}
     timed = test.sources[:speed_sentences]
     if timed:
         with torch.no_grad(), precision_context(test.device, test.precision):
-            ar_ms = time_per_sentence(lambda s: ar_beam_search(ar_model, s, beam=beam, alpha=alpha), timed,
-                                      test.device)
+            ar_ms = time_per_sentence(lambda s: ar_beam_search(ar_model, s, beam=beam, alpha=alpha),
+                                      timed, test.device)
             nar_ms = time_per_sentence(lambda s: nar_decode(nar_model, s), timed, test.device)
         result.update(ar_beam_ms=ar_ms, nar_ms=nar_ms, speedup=ar_ms / nar_ms)
     result["argmax"] = bleu_scores(test, argmax)
@@ -229,7 +239,8 @@ def write_outputs(directory, test, outputs):
     paths = []
     for method, outs in outputs.items():
         path = os.path.join(directory, f"{test.split}.{method}.txt")
-        text = [test.text(out) if test.corpus.toy is not None else decode.detokenize(test.text(out)) for out in outs]
+        text = [test.text(out) if test.corpus.toy is not None else decode.detokenize(test.text(out))
+                for out in outs]
         write_lines(path, text)
         paths.append(path)
     return paths
@@ -246,12 +257,13 @@ def write_lines(path, lines):
 # Printed examples: what the numbers mean, as text
 # ------------------------------------------------------------------------------------------------
 def marked_text(corpus, ids):
-    """An output as text with every token that repeats the one before it in [brackets]: the NAR model's
-    multi-modality symptom, made visible."""
+    """An output as text with every token that repeats the one before it in [brackets]: the NAR
+    model's multi-modality symptom, made visible."""
     shown = []
     for i, word in enumerate(corpus.vocab.decode(ids)):
         if i and ids[i] == ids[i - 1]:
-            word = f"[{word[:-2]}]@@" if word.endswith("@@") else f"[{word}]"     # BPE pieces still join
+            # BPE pieces still join
+            word = f"[{word[:-2]}]@@" if word.endswith("@@") else f"[{word}]"
         shown.append(word)
     text = " ".join(shown)
     return remove_bpe(text) if corpus.is_bpe else text
@@ -273,7 +285,8 @@ def format_examples(test, outputs, count):
         src, ref = test.pairs[i]
         lines.append(f"  source     {words(src)}")
         if corpus.toy is not None:
-            lines += [f"  {'valid' if j == 0 else '':<10} {t}" for j, t in enumerate(corpus.toy.valid_translations(src))]
+            lines += [f"  {'valid' if j == 0 else '':<10} {t}"
+                      for j, t in enumerate(corpus.toy.valid_translations(src))]
         else:
             lines.append(f"  reference  {words(ref)}")
         for method, outs in outputs.items():
@@ -286,9 +299,9 @@ def format_examples(test, outputs, count):
 
 
 def format_e_step_example(corpus, index, nar_scores, candidates, ar_scores, q, selected):
-    """One training source's E-step: its AR N-best with AR scores (length-normalised), which are in Q,
-    the NAR model's score log p(y|x) of those in Q (nar_scores: one per member of q, -inf where it
-    cannot be scored), validity (embedded task), and the selected one."""
+    """One training source's E-step: its AR N-best with AR scores (length-normalised), which are in
+    Q, the NAR model's score log p(y|x) of those in Q (nar_scores: one per member of q, -inf where
+    it cannot be scored), validity (embedded task), and the selected one."""
     src_words = corpus.train[index][0]
     nar = {tuple(c): s for c, s in zip(q, nar_scores) if s > float("-inf")}
     lines = [f"E-step example: training source {index}: {' '.join(src_words)}",
@@ -307,20 +320,24 @@ def format_e_step_example(corpus, index, nar_scores, candidates, ar_scores, q, s
 # ------------------------------------------------------------------------------------------------
 def cell(value, width, digits=2, suffix=""):
     """A right-aligned table cell; blank where a column does not apply (None)."""
-    return f"{'':>{width}}" if value is None else f"{value:>{width - len(suffix)}.{digits}f}{suffix}"
+    return (f"{'':>{width}}" if value is None
+            else f"{value:>{width - len(suffix)}.{digits}f}{suffix}")
 
 
 def format_table(results, toy):
     """One row per stage: multi-modality of the training targets, quality, decoding speed-up."""
-    header = (f"{'stage':<8} {'trained on':<34} {'H(y|x)':>7} {'NLL':>6} {'BLEU':>6} {'argmax':>7} {'+resc':>6} "
+    header = (f"{'stage':<8} {'trained on':<34} {'H(y|x)':>7} {'NLL':>6} {'BLEU':>6} "
+              f"{'argmax':>7} {'+resc':>6} "
               + (f"{'valid%':>7} " if toy else f"{'detok':>6} ") + f"{'rep%':>5} {'speed-up':>8}")
     lines = [header, "-" * len(header)]
     for r in results:
         nar = r["kind"] == "nar"
         row = [f"{r['stage']:<8}", f"{r['trained_on'][:34]:<34}", cell(r["targets_entropy"], 7, 3),
-               cell(r["targets_nll"], 6, 3), cell(r["bleu"], 6), cell(r["argmax"]["bleu"] if nar else None, 7),
+               cell(r["targets_nll"], 6, 3), cell(r["bleu"], 6),
+               cell(r["argmax"]["bleu"] if nar else None, 7),
                cell(r["rescored"]["bleu"] if nar else None, 6),
-               cell(r["valid_rate"], 7, 1) if toy else cell(r["detok_bleu"], 6), cell(r["repeats"], 5, 1),
+               cell(r["valid_rate"], 7, 1) if toy else cell(r["detok_bleu"], 6),
+               cell(r["repeats"], 5, 1),
                cell(r.get("speedup") if nar else None, 8, 1, "x")]
         lines.append(" ".join(row))
     return "\n".join(lines)
@@ -328,8 +345,8 @@ def format_table(results, toy):
 
 def format_modes_table(results):
     """Embedded task: what each stage's training targets are, and what the E-step's Q held."""
-    header = (f"{'stage':<8} {'mode shares % (6 valid translations)':<38} {'H(mode)':>7} {'invalid%':>8} "
-              f"{'|Q|':>5} {'Q valid%':>8} {'srcs w/ valid%':>14} {'=top1%':>6}")
+    header = (f"{'stage':<8} {'mode shares % (6 valid translations)':<38} {'H(mode)':>7} "
+              f"{'invalid%':>8} {'|Q|':>5} {'Q valid%':>8} {'srcs w/ valid%':>14} {'=top1%':>6}")
     lines = [header, "-" * len(header)]
     for r in results:
         shares = " ".join(f"{p:5.1f}" for p in r["mode_shares"])
@@ -339,14 +356,17 @@ def format_modes_table(results):
     return "\n".join(lines)
 
 
-TABLE_NOTES = """columns: H(y|x) = lexical multi-modality of the stage's training targets (IBM-1 alignment
+TABLE_NOTES = """\
+columns: H(y|x) = lexical multi-modality of the stage's training targets (IBM-1 alignment
 entropy, bits); NLL = the NAR model's -log p(y|x) per token of its own training targets (the EM
-objective); BLEU = AR beam search / NAR ODD decoding on the {split} split{bleu_kind}; argmax = NAR plain
+objective); BLEU = AR beam search / NAR ODD decoding on the {split} split{bleu_kind}; argmax = NAR \
+plain
 argmax; +resc = NAR ODD over a length window rescored by the AR model (NPD);{valid} rep% = repeated
 adjacent tokens (AR beam / NAR argmax outputs); speed-up = NAR ODD vs AR beam search, batch size 1,
 timed side by side."""
 
-MODES_NOTES = """mode shares = which of the six valid translations the training targets are (formal/casual x
+MODES_NOTES = """\
+mode shares = which of the six valid translations the training targets are (formal/casual x
 none/opening/closing framing); H(mode) = their entropy in bits (2.58 = uniform, 0 = one mode);
 invalid% = targets that are no valid translation; |Q| = mean candidates per source in the E-step's
 set Q; Q valid% = valid translations among them; srcs w/ valid% = sources whose Q holds one;
@@ -360,11 +380,14 @@ def format_results(results, test):
     table = format_table(results, toy)
     notes = TABLE_NOTES.format(
         split=test.split,
-        bleu_kind=" (multi-reference: all 6 valid translations)" if toy else " (tokenised, BPE removed)",
+        bleu_kind=(" (multi-reference: all 6 valid translations)" if toy
+                   else " (tokenised, BPE removed)"),
         valid=" valid% = exact valid translations;" if toy else
-        " detok = sacreBLEU on em-nat's detokenised output against the detokenised references (not raw\n"
+        " detok = sacreBLEU on em-nat's detokenised output against the detokenised references "
+        "(not raw\n"
         "references: comparable within this table, not with published sacreBLEU scores);")
-    shown = f"\nevaluated on the {test.split} split ({len(test.sources)} sentences)\n{table}\n{notes}"
+    shown = (f"\nevaluated on the {test.split} split ({len(test.sources)} sentences)\n"
+             f"{table}\n{notes}")
     if toy:
         modes = format_modes_table(results)
         shown += "\n\n" + modes + "\n" + MODES_NOTES
@@ -382,13 +405,16 @@ def format_margin_table(rows, toy):
     """The margin study (em_nat.margin_study): one row per (sources, margin)."""
     columns = ([("|Q|", "q_size", 1), ("Q valid%", "q_valid", 1), ("sel. invalid%", "invalid", 1),
                 ("H(mode)", "mode_entropy", 3), ("=top1%", "q_top1", 1)] if toy else
-               [("|Q|", "q_size", 1), ("=top1%", "q_top1", 1), ("sent-BLEU vs ref", "sentence_bleu", 2)])
-    header = f"{'sources':<8} {'margin':>6} " + " ".join(f"{name:>{max(len(name), 6)}}" for name, _, _ in columns)
-    lines = ["the first E-step (Q from AR_0's N-best, selected by NAR_0) for each quality margin, on the "
-             "training sources and on held-out ones (margin 0: the AR top-1 alone, i.e. distillation)", header,
-             "-" * len(header)]
+               [("|Q|", "q_size", 1), ("=top1%", "q_top1", 1),
+                ("sent-BLEU vs ref", "sentence_bleu", 2)])
+    header = f"{'sources':<8} {'margin':>6} " + " ".join(f"{name:>{max(len(name), 6)}}"
+                                                         for name, _, _ in columns)
+    lines = ["the first E-step (Q from AR_0's N-best, selected by NAR_0) for each quality margin, "
+             "on the training sources and on held-out ones (margin 0: the AR top-1 alone, i.e. "
+             "distillation)", header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['sources']:<8} {str(r['margin'] if r['margin'] is not None else 'none'):>6} " +
+        lines.append(f"{r['sources']:<8} "
+                     f"{str(r['margin'] if r['margin'] is not None else 'none'):>6} " +
                      " ".join(f"{r[key]:>{max(len(name), 6)}.{d}f}" for name, key, d in columns))
     return "\n".join(lines)
 
@@ -400,7 +426,8 @@ def spread(values, digits=2):
     """'mean [min, max]' of a list of numbers (blank when there are none)."""
     if not values:
         return ""
-    return f"{sum(values) / len(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+    return (f"{sum(values) / len(values):.{digits}f} "
+            f"[{min(values):.{digits}f}, {max(values):.{digits}f}]")
 
 
 def nar_only(get):
@@ -419,20 +446,24 @@ SEED_COLUMNS_TOY = (
 SEED_COLUMNS_REAL = (
     ("quality of the stage's model", [
         ("BLEU", lambda r: r["bleu"], 2), ("argmax", nar_only(lambda r: r["argmax"]["bleu"]), 2),
-        ("+resc", nar_only(lambda r: r["rescored"]["bleu"]), 2), ("NLL", lambda r: r["targets_nll"], 3)]),)
+        ("+resc", nar_only(lambda r: r["rescored"]["bleu"]), 2),
+        ("NLL", lambda r: r["targets_nll"], 3)]),)
 
 
 def format_seed_summary(by_stage, toy, seeds):
-    """Mean [min, max] over the seeds of each stage's headline figures, stages in run order: one table
-    for the models' quality and (embedded task) one for their training targets and the E-step's Q.
-    by_stage: {(selection, stage): [result of each seed]}."""
+    """Mean [min, max] over the seeds of each stage's headline figures, stages in run order: one
+    table for the models' quality and (embedded task) one for their training targets and the
+    E-step's Q. by_stage: {(selection, stage): [result of each seed]}."""
     lines = [f"over seeds {', '.join(map(str, seeds))}: mean [min, max] (test split)"]
     for title, columns in (SEED_COLUMNS_TOY if toy else SEED_COLUMNS_REAL):
-        header = f"{'selection':<9} {'stage':<8} " + " ".join(f"{name:>21}" for name, _, _ in columns)
+        header = (f"{'selection':<9} {'stage':<8} "
+                  + " ".join(f"{name:>21}" for name, _, _ in columns))
         lines += ["", title, header, "-" * len(header)]
         for (selection, stage), results in by_stage.items():
-            cells = [spread([v for v in map(get, results) if v is not None], digits) for _, get, digits in columns]
-            lines.append((f"{selection:<9} {stage:<8} " + " ".join(f"{c:>21}" for c in cells)).rstrip())
+            cells = [spread([v for v in map(get, results) if v is not None], digits)
+                     for _, get, digits in columns]
+            lines.append((f"{selection:<9} {stage:<8} "
+                          + " ".join(f"{c:>21}" for c in cells)).rstrip())
     return "\n".join(lines)
 
 
@@ -440,8 +471,9 @@ def format_seed_summary(by_stage, toy, seeds):
 # Training and N-best throughput (the yardstick against other toolkits)
 # ------------------------------------------------------------------------------------------------
 def training_throughput(kind, preset, vocab_size, pairs, batches, cfg: TrainConfig, steps):
-    """Target tokens per second of `steps` AdamW steps of a `kind` model on token-budget batches (after
-    3 warm-up steps). The AR model also predicts <eos>, which is counted, as fairseq counts it."""
+    """Target tokens per second of `steps` AdamW steps of a `kind` model on token-budget batches
+    (after 3 warm-up steps). The AR model also predicts <eos>, which is counted, as fairseq counts
+    it."""
     torch.manual_seed(0)
     model = build_model(model_config(preset, vocab_size, kind), cfg.device).train()
     optimizer = make_optimizer(model, cfg)
@@ -451,7 +483,8 @@ def training_throughput(kind, preset, vocab_size, pairs, batches, cfg: TrainConf
         src, tgt = collate([pairs[j] for j in batch], cfg.device)
         _, n = forward_backward(model, src, tgt, cfg, f"benchmark {kind}")
         optimizer_step(model, optimizer, cfg)
-        n = int(n)                                                        # waits for the step to finish
+        # waits for the step to finish
+        n = int(n)
         if i >= 3:                                                        # warm-up: the allocator
             tokens += n + (len(batch) if kind == "ar" else 0)
             seconds += time.perf_counter() - start
@@ -459,16 +492,16 @@ def training_throughput(kind, preset, vocab_size, pairs, batches, cfg: TrainConf
 
 
 def nbest_throughput(preset, vocab_size, pairs, n, max_tokens, device, precision):
-    """Sentences per second of AR n-best beam search (beam n), the E-step's decoding. Random weights:
-    the <eos> logit is pushed down until the forced end at the reference length, so that the search
-    takes as many steps as a trained model's would."""
+    """Sentences per second of AR n-best beam search (beam n), the E-step's decoding. Random
+    weights: the <eos> logit is pushed down until the forced end at the reference length, so that
+    the search takes as many steps as a trained model's would."""
     torch.manual_seed(0)
     ar = build_model(model_config(preset, vocab_size, "ar", dropout=0.0), device).eval()
     with torch.no_grad():
         ar.out_bias[EOS] = -1e4
     start = time.perf_counter()
-    for batch in tqdm(make_batches([len(s) for s, _ in pairs], max(max_tokens * 4 // n, 1)), desc="N-best",
-                      leave=False):
+    for batch in tqdm(make_batches([len(s) for s, _ in pairs], max(max_tokens * 4 // n, 1)),
+                      desc="N-best", leave=False):
         src = pad_batch([pairs[j][0] for j in batch], device)
         out_len = torch.tensor([len(pairs[j][1]) for j in batch], device=device)
         with torch.no_grad(), precision_context(device, precision):
@@ -497,9 +530,12 @@ def nbest_memory(pairs, n, seed=0):
 
 
 def nbest_arrays(lengths, n, rng):
-    """A stand-in decode.NBest built the way decode.nbest builds one: per-sentence arrays, then flat."""
-    rows = [(np.array([[rng.randrange(4, 30000) for _ in range(k)] + [PAD] * (max(lengths[i:i + n]) - k)
-                       for k in lengths[i:i + n]], dtype=np.int32), np.zeros(n, dtype=np.float32))
+    """A stand-in decode.NBest built the way decode.nbest builds one: per-sentence arrays, then
+    flat."""
+    rows = [(np.array([[rng.randrange(4, 30000) for _ in range(k)]
+                       + [PAD] * (max(lengths[i:i + n]) - k)
+                       for k in lengths[i:i + n]], dtype=np.int32),
+             np.zeros(n, dtype=np.float32))
             for i in range(0, len(lengths), n)]
     return NBest.from_rows(n, rows)
 
@@ -508,16 +544,22 @@ def benchmark(corpus, preset, cfg: TrainConfig, steps, sentences, candidates):
     """The throughput table on a real corpus: what a batch holds, AR and NAR training tokens/s, and
     N-best sentences/s. Returns its rows (name, figure)."""
     pairs = corpus.ids("train")
-    batches = make_batches([max(len(s), len(t)) + 1 for s, t in pairs], cfg.max_tokens, random.Random(0))
+    batches = make_batches([max(len(s), len(t)) + 1 for s, t in pairs], cfg.max_tokens,
+                           random.Random(0))
     rows = [(f"a {cfg.max_tokens}-token batch holds (mean over {len(batches)})",
-             f"{len(pairs) / len(batches):,.1f} pairs, {sum(len(t) + 1 for _, t in pairs) / len(batches):,.0f} "
+             f"{len(pairs) / len(batches):,.1f} pairs, "
+             f"{sum(len(t) + 1 for _, t in pairs) / len(batches):,.0f} "
              f"target tokens")]                                           # +1: <eos>
     for kind in ("ar", "nar"):
-        tokens_per_s, parameters = training_throughput(kind, preset, len(corpus.vocab), pairs, batches, cfg, steps)
-        rows.append((f"train {kind.upper()} ({parameters / 1e6:.1f}M parameters)", f"{tokens_per_s:,.0f} target tokens/s"))
+        tokens_per_s, parameters = training_throughput(kind, preset, len(corpus.vocab), pairs,
+                                                       batches, cfg, steps)
+        rows.append((f"train {kind.upper()} ({parameters / 1e6:.1f}M parameters)",
+                     f"{tokens_per_s:,.0f} target tokens/s"))
     valid = corpus.ids("valid")[:sentences]
-    per_s = nbest_throughput(preset, len(corpus.vocab), valid, candidates, cfg.max_tokens, cfg.device, cfg.precision)
-    rows.append((f"AR {candidates}-best beam search ({len(valid)} sentences)", f"{per_s:,.1f} sentences/s"))
+    per_s = nbest_throughput(preset, len(corpus.vocab), valid, candidates, cfg.max_tokens,
+                             cfg.device, cfg.precision)
+    rows.append((f"AR {candidates}-best beam search ({len(valid)} sentences)",
+                 f"{per_s:,.1f} sentences/s"))
     as_lists, as_arrays, tokens = nbest_memory(pairs, candidates)
     rows.append((f"E-step {candidates}-best in host memory ({tokens / 1e6:.1f}M tokens)",
                  f"{as_lists:.1f} B/token as lists, {as_arrays:.1f} as arrays"))

@@ -1,16 +1,18 @@
 """train.py: the training loop that both models of the EM loop learn with. It knows nothing of EM:
-give it a model, (source, target) id pairs and a TrainConfig, and it trains, checkpoints and resumes.
+give it a model, (source, target) id pairs and a TrainConfig, and it trains, checkpoints and
+resumes.
 
 - AdamW (no weight decay on layer norms and biases), the inverse-square-root warm-up schedule,
   gradient clipping, token-budget batches (data.make_batches), periodic validation loss.
-- The stage's model is the last step's weights (as the paper's official scripts keep), optionally the
-  mean of the last K checkpoints, or the checkpoint of lowest validation loss (final_model).
+- The stage's model is the last step's weights (as the paper's official scripts keep), optionally
+  the mean of the last K checkpoints, or the checkpoint of lowest validation loss (final_model).
 - Ctrl-C stops after the current step and saves the loop's state; calling train_model again with the
   same directory continues from it and reaches the same weights as an uninterrupted run.
 - Several processes (torchrun): PyTorch's DistributedDataParallel, and the few helpers the EM loop
   needs to split decoding work between processes (shard, gather).
 
-`python train.py` runs the whole EM pipeline: the command line lives in em_nat.py, which uses this file.
+`python train.py` runs the whole EM pipeline: the command line lives in em_nat.py, which uses
+this file.
 """
 import datetime
 import math
@@ -42,21 +44,27 @@ class TrainConfig:
     clip: float = 1.0
     weight_decay: float = 1e-4
     valid_every: int = 1000
-    update_freq: int = 1          # token-budget batches (per process) whose gradients make one update
-    final_model: str = "last"     # the stage's model: the "last" step's (official) or the "best" validation loss
-    average_last: int = 1         # with "last": the mean of the last K checkpoints, one every valid_every
+    # token-budget batches (per process) whose gradients make one update
+    update_freq: int = 1
+    # the stage's model: the "last" step's (official) or the "best" validation loss
+    final_model: str = "last"
+    # with "last": the mean of the last K checkpoints, one every valid_every
+    average_last: int = 1
     dropout: float = None         # None: the model preset's dropout
     seed: int = 1
     device: str = "cpu"
-    precision: str = "fp32"       # "bf16": autocast (model.resolve_precision picks it where the GPU has it)
+    # "bf16": autocast (model.resolve_precision picks it where the GPU has it)
+    precision: str = "fp32"
 
     def __post_init__(self):
         if self.final_model not in ("best", "last"):
             raise ValueError(f"final_model must be 'best' or 'last', not {self.final_model!r}")
         if self.update_freq < 1 or self.average_last < 1:
-            raise ValueError("update_freq and average_last count batches and checkpoints: at least 1")
+            raise ValueError("update_freq and average_last count batches and checkpoints: "
+                             "at least 1")
         if self.average_last > 1 and self.final_model != "last":
-            raise ValueError("averaging the last checkpoints (average_last > 1) needs final_model 'last'")
+            raise ValueError("averaging the last checkpoints (average_last > 1) needs "
+                             "final_model 'last'")
         for name in ("lr", "warmup", "max_tokens", "ar_steps", "nar_steps", "valid_every"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
@@ -67,25 +75,30 @@ class TrainConfig:
         return self.ar_steps if kind == "ar" else self.nar_steps
 
 
-# Training defaults per model preset. "toy" finishes the whole EM pipeline in minutes on a laptop CPU;
-# "iwslt" is the paper's IWSLT14 schedule in steps. Its update is smaller than its 8192-token batch: the
-# official batch size 35000 counts padded positions at the maximum length 175, i.e. 200 sentence pairs
-# (about 5k target tokens); --max-tokens 5000 holds ~200 pairs of IWSLT14-like lengths (README
-# "Batch sizes"). WMT14 (base): 160 pairs x update_freq 8. The defaults stay, so that runs resume as
-# they began.
+# Training defaults per model preset. "toy" finishes the whole EM pipeline in minutes on a laptop
+# CPU; "iwslt" is the paper's IWSLT14 schedule in steps. Its update is smaller than its 8192-token
+# batch: the official batch size 35000 counts padded positions at the maximum length 175, i.e. 200
+# sentence pairs (about 5k target tokens); --max-tokens 5000 holds ~200 pairs of IWSLT14-like
+# lengths (README "Batch sizes"). WMT14 (base): 160 pairs x update_freq 8. The defaults stay, so
+# that runs resume as they began.
 TRAIN_PRESETS = {
-    "toy": dict(lr=3e-3, warmup=200, max_tokens=2048, ar_steps=1200, nar_steps=1500, valid_every=300),
-    "small": dict(lr=1e-3, warmup=1000, max_tokens=4096, ar_steps=6000, nar_steps=8000, valid_every=500),
-    "iwslt": dict(lr=1e-3, warmup=4000, max_tokens=8192, ar_steps=60000, nar_steps=200000, valid_every=2000),
-    "base": dict(lr=7e-4, warmup=4000, max_tokens=8192, ar_steps=100000, nar_steps=300000, valid_every=2000),
+    "toy": dict(lr=3e-3, warmup=200, max_tokens=2048, ar_steps=1200, nar_steps=1500,
+                valid_every=300),
+    "small": dict(lr=1e-3, warmup=1000, max_tokens=4096, ar_steps=6000, nar_steps=8000,
+                  valid_every=500),
+    "iwslt": dict(lr=1e-3, warmup=4000, max_tokens=8192, ar_steps=60000, nar_steps=200000,
+                  valid_every=2000),
+    "base": dict(lr=7e-4, warmup=4000, max_tokens=8192, ar_steps=100000, nar_steps=300000,
+                 valid_every=2000),
 }
 
 
-# ----- several processes (torchrun): PyTorch's DistributedDataParallel, and a few helpers -------------
+# ----- several processes (torchrun): PyTorch's DistributedDataParallel, and a few helpers --------
 # Without torchrun (one process) every helper is the identity or does nothing. Under torchrun every
-# process runs the same program on its own device: each trains on its share of every update's batches
-# (update_batches) and DDP averages the gradients; each decodes a share of the sources (shard) and all
-# get the whole result back in order (gather); rank 0 alone writes files, and prints.
+# process runs the same program on its own device: each trains on its share of every update's
+# batches (update_batches) and DDP averages the gradients; each decodes a share of the sources
+# (shard) and all get the whole result back in order (gather); rank 0 alone writes files, and
+# prints.
 def distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -140,7 +153,8 @@ def gather(part):
 
 
 def all_parts(part):
-    """Every process's `part` (any picklable object: e.g. a shard's N-best arrays), in rank order."""
+    """Every process's `part` (any picklable object: e.g. a shard's N-best arrays), in rank
+    order."""
     if not distributed():
         return [part]
     parts = [None] * world_size()
@@ -158,8 +172,8 @@ def from_main(obj):
 
 
 def data_parallel(model):
-    """The model wrapped in DistributedDataParallel under torchrun (its weights broadcast from rank 0,
-    its gradients averaged over the processes at each backward pass); else the model itself."""
+    """The model wrapped in DistributedDataParallel under torchrun (its weights broadcast from rank
+    0, its gradients averaged over the processes at each backward pass); else the model itself."""
     if not distributed():
         return model
     device = next(model.parameters()).device
@@ -182,12 +196,13 @@ class Stopped(Exception):
 
 
 def make_optimizer(model, cfg):
-    """AdamW; no weight decay on biases and layer-norm weights (the official optimization.py also spares
-    them; it decays the embeddings too, as here)."""
+    """AdamW; no weight decay on biases and layer-norm weights (the official optimization.py also
+    spares them; it decays the embeddings too, as here)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
 
 
 def inverse_sqrt(warmup):
@@ -216,9 +231,9 @@ def graceful_interrupt():
 
 @torch.no_grad()
 def validation_loss(model, pairs, cfg):
-    """Mean label-smoothed loss per target token over `pairs` (ids), with dropout off. The model comes
-    back in the mode it came in: in the loop it goes on training; a finished model stays in eval mode
-    (a model left in train mode would score the E-step's candidates with dropout on)."""
+    """Mean label-smoothed loss per target token over `pairs` (ids), with dropout off. The model
+    comes back in the mode it came in: in the loop it goes on training; a finished model stays in
+    eval mode (a model left in train mode would score the E-step's candidates with dropout on)."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -237,12 +252,13 @@ def save_resume_state(path, model, optimizer, scheduler, position):
     save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "position": position,
                  "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, path)
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                path)
 
 
 def forward_backward(model, src, tgt, cfg, desc, normalizers=None):
-    """Loss and gradients of one batch (under bf16 autocast where cfg.precision says so). Returns (loss,
-    target tokens).
+    """Loss and gradients of one batch (under bf16 autocast where cfg.precision says so). Returns
+    (loss, target tokens).
     normalizers: see Transformer.forward. Out of memory becomes a TrainingError that says which
     budget to lower."""
     try:
@@ -265,18 +281,21 @@ def optimizer_step(model, optimizer, cfg):
 def check_pairs(train_pairs, valid_pairs, desc):
     """Refuse to start a loop that could not train, or could never choose a checkpoint."""
     if not train_pairs:
-        raise TrainingError(f"{desc}: no training pairs left (every target empty or over the length limit); "
+        raise TrainingError(f"{desc}: no training pairs left (every target empty or over the "
+                            f"length limit); "
                             f"if they come from an AR model, train that model longer (--ar-steps)")
     if not valid_pairs:
-        raise TrainingError(f"{desc}: no validation pairs to choose the checkpoint with (every validation pair is "
-                            f"empty or longer than the length limit?); the saved model would never change")
+        raise TrainingError(f"{desc}: no validation pairs to choose the checkpoint with (every "
+                            f"validation pair is empty or longer than the length limit?); the "
+                            f"saved model would never change")
 
 
 def restore_resume_state(path, model, optimizer, scheduler):
     """The loop's position saved by save_resume_state, with the weights, optimizer, schedule and RNG
     put back; or a fresh position when there is no resume file."""
     if not os.path.isfile(path):
-        return {"step": 0, "epoch": 0, "batch": 0, "best": float("inf"), "tokens": 0, "seconds": 0.0}
+        return {"step": 0, "epoch": 0, "batch": 0, "best": float("inf"), "tokens": 0,
+                "seconds": 0.0}
     state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -290,7 +309,8 @@ def restore_resume_state(path, model, optimizer, scheduler):
 def update_batches(batches, cfg):
     """This process's token-budget batches for one update. An update is update_freq x world_size
     consecutive batches of the stream; rank r trains on the r-th run of update_freq of them, so N
-    processes with update_freq K train on exactly the batches of one process with update_freq N x K."""
+    processes with update_freq K train on exactly the batches of one process with
+    update_freq N x K."""
     update = [next(batches) for _ in range(cfg.update_freq * world_size())]
     return update[rank() * cfg.update_freq:(rank() + 1) * cfg.update_freq]
 
@@ -298,20 +318,24 @@ def update_batches(batches, cfg):
 def update_normalizers(model, micro_batches):
     """The denominators of the loss of an update that spans several batches: its target tokens and
     sentences over all of them, on every process, divided by the number of processes (DDP averages
-    the processes' gradients, so each contributes its sum over the whole update's count / N). None for
-    one batch on one process: the model then divides by the batch's own counts, as it always has."""
+    the processes' gradients, so each contributes its sum over the whole update's count / N). None
+    for one batch on one process: the model then divides by the batch's own counts, as it always
+    has."""
     if len(micro_batches) == 1 and world_size() == 1:
         return None
     counts = [model.target_counts(tgt) for _, tgt in micro_batches]
-    totals = sum_over_ranks(torch.tensor([float(sum(c[0] for c in counts)), float(sum(c[1] for c in counts))]))
+    totals = sum_over_ranks(torch.tensor([float(sum(c[0] for c in counts)),
+                                          float(sum(c[1] for c in counts))]))
     return (totals / world_size()).tolist()
 
 
 def remaining_batches(lengths, cfg, position):
-    """Token-budget batches from the loop's position on, epoch after epoch (each epoch its own shuffle,
-    so a resumed loop sees the same batches as an uninterrupted one). Updates position's epoch/batch."""
+    """Token-budget batches from the loop's position on, epoch after epoch (each epoch its own
+    shuffle, so a resumed loop sees the same batches as an uninterrupted one). Updates position's
+    epoch/batch."""
     while True:
-        batches = make_batches(lengths, cfg.max_tokens, random.Random(cfg.seed * 100003 + position["epoch"]))
+        batches = make_batches(lengths, cfg.max_tokens,
+                               random.Random(cfg.seed * 100003 + position["epoch"]))
         for batch in batches[position["batch"]:]:
             position["batch"] += 1
             yield batch
@@ -320,8 +344,9 @@ def remaining_batches(lengths, cfg, position):
 
 
 def train_step(net, optimizer, scheduler, micro_batches, cfg, desc, out_dir, step):
-    """One update: the gradients of this process's batches (src, tgt) summed, each batch's loss its share
-    of the whole update's per-token average; then one clipped AdamW step and one schedule step.
+    """One update: the gradients of this process's batches (src, tgt) summed, each batch's loss
+    its share of the whole update's per-token average; then one clipped AdamW step and one
+    schedule step.
     net: the model, or its DistributedDataParallel wrapper (which averages the gradients over the
     processes at the update's last backward pass). Returns (the update's loss, this process's target
     tokens). A non-finite loss stops the loop."""
@@ -334,14 +359,15 @@ def train_step(net, optimizer, scheduler, micro_batches, cfg, desc, out_dir, ste
         loss_sum, n_tokens = loss_sum + loss.detach(), n_tokens + n
     loss_value = float(sum_over_ranks(loss_sum)) / world_size()
     if not math.isfinite(loss_value):
-        raise TrainingError(f"{desc}: the loss became {loss_value} at step {step}; the last good weights are in "
+        raise TrainingError(f"{desc}: the loss became {loss_value} at step {step}; the last good "
+                            f"weights are in "
                             f"{out_dir}; lower --lr (now {cfg.lr}) and run again")
     optimizer_step(model, optimizer, cfg)
     scheduler.step()
     return loss_value, int(n_tokens)
 
 
-# ----- the stage's model: the best, the last, or the mean of the last checkpoints ------------------
+# ----- the stage's model: the best, the last, or the mean of the last checkpoints -----------------
 def step_checkpoint_paths(out_dir):
     """The periodic checkpoints step<N>.pt of a loop that averages its last ones, oldest first."""
     names = [n for n in os.listdir(out_dir) if n.startswith("step") and n.endswith(".pt")]
@@ -357,7 +383,8 @@ def keep_checkpoint(model, out_dir, cfg, step, is_best, meta):
         if is_best:
             save_checkpoint(model, out_dir, **meta)
         return
-    save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"step{step}.pt"))
+    save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                os.path.join(out_dir, f"step{step}.pt"))
     for old in step_checkpoint_paths(out_dir)[:-cfg.average_last]:
         os.remove(old)
 
@@ -366,15 +393,18 @@ def average_state_dicts(paths):
     """The element-wise mean of saved state dicts (as fairseq's average_checkpoints.py), summed in
     float64 and cast back to each tensor's dtype."""
     states = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
-    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) for k, v in states[0].items()}
+    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype)
+            for k, v in states[0].items()}
 
 
 def finish_model(model, out_dir, cfg, meta):
     """Put the stage's final weights into `model` (and model.pt): the best checkpoint, or the last
-    step's weights, or the mean of the last average_last checkpoints (the last one is the last step)."""
+    step's weights, or the mean of the last average_last checkpoints (the last one is the last
+    step)."""
     path = os.path.join(out_dir, "model.pt")
     if cfg.final_model == "last":
-        model.load_state_dict(average_state_dicts(step_checkpoint_paths(out_dir)[-cfg.average_last:]))
+        model.load_state_dict(average_state_dicts(
+            step_checkpoint_paths(out_dir)[-cfg.average_last:]))
         if is_main():
             save_checkpoint(model, out_dir, **meta)
     else:
@@ -390,41 +420,45 @@ def remove_loop_files(out_dir):
             os.remove(path)
 
 
-def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc="train", meta=None):
-    """Train `model` on id pairs; keep the stage's model (cfg.final_model: the last step's weights, their
-    mean with earlier checkpoints, or the lowest validation loss) in out_dir as model.pt + config.json
-    and return the model with those weights (in eval mode) and a summary dict.
-    out_dir/resume.pt holds the loop's state at every validation and at Ctrl-C: a later call with the
-    same out_dir continues from it and reaches the same weights as an uninterrupted run."""
+def train_model(model, train_pairs, valid_pairs, cfg: TrainConfig, out_dir, desc="train",
+                meta=None):
+    """Train `model` on id pairs; keep the stage's model (cfg.final_model: the last step's weights,
+    their mean with earlier checkpoints, or the lowest validation loss) in out_dir as model.pt +
+    config.json and return the model with those weights (in eval mode) and a summary dict.
+    out_dir/resume.pt holds the loop's state at every validation and at Ctrl-C: a later call with
+    the same out_dir continues from it and reaches the same weights as an uninterrupted run."""
     check_pairs(train_pairs, valid_pairs, desc)
     os.makedirs(out_dir, exist_ok=True)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt(cfg.warmup))
-    # Resume: weights, optimizer moments, schedule, RNG and the position in the batch stream all come
-    # back, so the remaining steps are exactly those an uninterrupted run would take.
+    # Resume: weights, optimizer moments, schedule, RNG and the position in the batch stream all
+    # come back, so the remaining steps are exactly those an uninterrupted run would take.
     resume_path = os.path.join(out_dir, "resume.pt")
     position = restore_resume_state(resume_path, model, optimizer, scheduler)
     if position["step"]:
         print(f"{desc}: resuming at step {position['step']} of {cfg.steps_for(model.cfg.kind)}")
     meta = dict(meta or {}, train=asdict(cfg))
     with graceful_interrupt() as interrupt:
-        training_loop(model, optimizer, scheduler, position, train_pairs, valid_pairs, cfg, out_dir, desc, meta,
-                      interrupt)
-    barrier()                                                 # the other processes read what rank 0 saved
+        training_loop(model, optimizer, scheduler, position, train_pairs, valid_pairs, cfg, out_dir,
+                      desc, meta, interrupt)
+    # the other processes read what rank 0 saved
+    barrier()
     model = finish_model(model, out_dir, cfg, meta)
-    valid = position["best"] if cfg.final_model == "best" else validation_loss(model, valid_pairs, cfg)
+    valid = (position["best"] if cfg.final_model == "best"
+             else validation_loss(model, valid_pairs, cfg))
     return model, {"steps": position["step"], "valid_loss": valid,
                    "tokens_per_s": position["tokens"] / max(position["seconds"], 1e-9),
                    "parameters": count_parameters(model)}
 
 
-def training_loop(model, optimizer, scheduler, position, train_pairs, valid_pairs, cfg, out_dir, desc, meta,
-                  interrupt):
-    """The steps from `position` to the end: one update per step; every valid_every steps (and at the
-    last) a validation, a checkpoint and the resume state. Raises Stopped after the step during which
-    any process saw Ctrl-C, its state saved."""
+def training_loop(model, optimizer, scheduler, position, train_pairs, valid_pairs, cfg, out_dir,
+                  desc, meta, interrupt):
+    """The steps from `position` to the end: one update per step; every valid_every steps (and at
+    the last) a validation, a checkpoint and the resume state. Raises Stopped after the step during
+    which any process saw Ctrl-C, its state saved."""
     steps, resume_path = cfg.steps_for(model.cfg.kind), os.path.join(out_dir, "resume.pt")
-    lengths = [max(len(s), len(t)) + 1 for s, t in train_pairs]    # +1: <bos>/<eos> or the summary slot
+    # +1: <bos>/<eos> or the summary slot
+    lengths = [max(len(s), len(t)) + 1 for s, t in train_pairs]
     batches = remaining_batches(lengths, cfg, position)
     model.train()                                                   # dropout on
     net = data_parallel(model)
@@ -432,8 +466,10 @@ def training_loop(model, optimizer, scheduler, position, train_pairs, valid_pair
                disable=not is_main())
     while position["step"] < steps:
         start = time.perf_counter()
-        micro_batches = [collate([train_pairs[i] for i in batch], cfg.device) for batch in update_batches(batches, cfg)]
-        loss, n_tokens = train_step(net, optimizer, scheduler, micro_batches, cfg, desc, out_dir, position["step"] + 1)
+        micro_batches = [collate([train_pairs[i] for i in batch], cfg.device)
+                         for batch in update_batches(batches, cfg)]
+        loss, n_tokens = train_step(net, optimizer, scheduler, micro_batches, cfg, desc, out_dir,
+                                    position["step"] + 1)
         position["step"] += 1
         position["tokens"] += n_tokens
         position["seconds"] += time.perf_counter() - start
@@ -442,23 +478,25 @@ def training_loop(model, optimizer, scheduler, position, train_pairs, valid_pair
         # Every process must agree to stop at the same step, or DDP's next all-reduce would hang.
         done, stop = position["step"] >= steps, any_rank(interrupt["stop"])
         if done or position["step"] % cfg.valid_every == 0:
-            valid = validation_loss(model, valid_pairs, cfg)                # dropout off, then on again
+            # dropout off, then on again
+            valid = validation_loss(model, valid_pairs, cfg)
             keep_checkpoint(model, out_dir, cfg, position["step"], valid < position["best"], meta)
             position["best"] = min(position["best"], valid)
-            bar.write(f"{desc}: step {position['step']}  train loss {loss:.3f}  valid loss {valid:.3f}  "
-                      f"best {position['best']:.3f}")
+            bar.write(f"{desc}: step {position['step']}  train loss {loss:.3f}  "
+                      f"valid loss {valid:.3f}  best {position['best']:.3f}")
         if (done or stop or position["step"] % cfg.valid_every == 0) and is_main():
             save_resume_state(resume_path, model, optimizer, scheduler, position)
         if stop:
             bar.close()
-            raise Stopped(f"stopped at step {position['step']} of {desc}; run the same command again to resume")
+            raise Stopped(f"stopped at step {position['step']} of {desc}; run the same command "
+                          f"again to resume")
     bar.close()
 
 
 # ----- torchrun: one process per device ----------------------------------------------------------
 def process_device(name):
-    """The device of this process: under torchrun on CUDA, the GPU of its local rank, whatever GPU the
-    command line named (each process owns one)."""
+    """The device of this process: under torchrun on CUDA, the GPU of its local rank, whatever GPU
+    the command line named (each process owns one)."""
     device = pick_device(name)
     if distributed() and torch.device(device).type == "cuda":
         return f"cuda:{os.environ['LOCAL_RANK']}"
@@ -466,14 +504,16 @@ def process_device(name):
 
 
 def start_processes(device_name):
-    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on CUDA, gloo on CPU. The timeout
-    is long because the other processes wait while rank 0 alone learns the BPE or evaluates a stage."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on CUDA, gloo on CPU. The
+    timeout is long because the other processes wait while rank 0 alone learns the BPE or evaluates
+    a stage."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return
     cuda = torch.device(pick_device(device_name)).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                         timeout=datetime.timedelta(hours=6))
 
 
 def stop_processes():
@@ -481,6 +521,7 @@ def stop_processes():
         torch.distributed.destroy_process_group()
 
 
-if __name__ == "__main__":    # `python train.py`: the whole EM pipeline, whose command line is em_nat.py's
+# `python train.py`: the whole EM pipeline, whose command line is em_nat.py's
+if __name__ == "__main__":
     import em_nat
     em_nat.main()
