@@ -784,8 +784,7 @@ EXAMPLES = """presets (model size; steps per stage: a run trains 3 + 2 x --em-it
 {presets}
 
 examples:
-  python train.py                                        # the embedded task, ~10 min on a laptop \
-CPU
+  python train.py                                        # the embedded task: ~10 min, laptop CPU
   python train.py --seed 2 --out runs/seed2              # another seed of the same
   python train.py --data-dir DIR --preset iwslt          # IWSLT14 De-En on a GPU (fairseq layout)
   torchrun --nproc_per_node 8 train.py --data-dir DIR --preset base   # several GPUs
