@@ -237,6 +237,39 @@ def e_step(run, stage, ar_model, nar_model, iteration):
     return EStep(targets, candidates, sets, scores)
 
 
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+def em_loop(run):
+    """The paper's algorithm. Each `run.stage` trains one model on the targets its function computes
+    (or reads a finished stage back from its directory) and evaluates it; it returns a handle whose
+    .model() loads the model when a later step needs it."""
+    # >>> exercise 8: the EM loop
+    real = [t for _, t in run.train_ids]
+    ar = run.stage("ar", "ar", "real data", lambda: real)                             # AR_0
+    # the NAR baseline
+    run.stage("nar-raw", "nar", "real data", lambda: real, rescorer=ar)
+    kd = ("AR beam outputs (KD)" if run.cfg.data.distillation_targets is None
+          else "precomputed KD targets")
+    # NAR_0
+    nar = run.stage("nar-kd", "nar", kd, lambda: first_distillation_targets(run, ar.model()),
+                    rescorer=ar)
+    for i in range(1, run.em.iterations + 1):
+        prev_ar, prev_nar = ar, nar
+        # E-step: within Q (AR_{i-1}'s N-best), the targets NAR_{i-1} likes best; AR_i learns them.
+        ar = run.stage(f"em{i}-ar", "ar", f"{prev_ar.name} N-best, {run.em.selection} selection",
+                       lambda: e_step(run, f"em{i}-ar", prev_ar.model(), prev_nar.model(), i),
+                       init_from=prev_ar)
+        # M-step: NAR_i learns AR_i's outputs.
+        nar = run.stage(f"em{i}-nar", "nar", f"{ar.name} beam outputs",
+                        lambda: distil(run, ar.model()), init_from=prev_nar, rescorer=ar)
+    return run.results
+    # <<< exercise 8
+
+
+# ------------------------------------------------------------------------------------------------
+# A control for memorisation: cross-fitted selection (not the paper's)
+# ------------------------------------------------------------------------------------------------
 def crossfit_folds(sources, k, seed):
     """The fold (0..k-1) of every training source: a fixed random partition of the distinct sources
     into k near-equal folds (a source that occurs twice is in one fold)."""
@@ -267,36 +300,6 @@ def crossfit_scores(run, stage, iteration, sets):
         for i, row in zip(held, run.cached(stage, f"fold{k}.json", compute, write_json, read_json)):
             scores[i] = row
     return scores
-
-
-# ------------------------------------------------------------------------------------------------
-# The loop
-# ------------------------------------------------------------------------------------------------
-def em_loop(run):
-    """The paper's algorithm. Each `run.stage` trains one model on the targets its function computes
-    (or reads a finished stage back from its directory) and evaluates it; it returns a handle whose
-    .model() loads the model when a later step needs it."""
-    # >>> exercise 8: the EM loop
-    real = [t for _, t in run.train_ids]
-    ar = run.stage("ar", "ar", "real data", lambda: real)                             # AR_0
-    # the NAR baseline
-    run.stage("nar-raw", "nar", "real data", lambda: real, rescorer=ar)
-    kd = ("AR beam outputs (KD)" if run.cfg.data.distillation_targets is None
-          else "precomputed KD targets")
-    # NAR_0
-    nar = run.stage("nar-kd", "nar", kd, lambda: first_distillation_targets(run, ar.model()),
-                    rescorer=ar)
-    for i in range(1, run.em.iterations + 1):
-        prev_ar, prev_nar = ar, nar
-        # E-step: within Q (AR_{i-1}'s N-best), the targets NAR_{i-1} likes best; AR_i learns them.
-        ar = run.stage(f"em{i}-ar", "ar", f"{prev_ar.name} N-best, {run.em.selection} selection",
-                       lambda: e_step(run, f"em{i}-ar", prev_ar.model(), prev_nar.model(), i),
-                       init_from=prev_ar)
-        # M-step: NAR_i learns AR_i's outputs.
-        nar = run.stage(f"em{i}-nar", "nar", f"{ar.name} beam outputs",
-                        lambda: distil(run, ar.model()), init_from=prev_nar, rescorer=ar)
-    return run.results
-    # <<< exercise 8
 
 
 # ------------------------------------------------------------------------------------------------
