@@ -3,7 +3,7 @@ exercises cut out, and nothing of them left elsewhere.
 
     python tests/student_copy.py ../em-nat-student              # every exercise
     python tests/student_copy.py ../em-nat-student -e 4 6       # only ODD Viterbi and beam search
-    python tests/student_copy.py ../em-nat-student --with-expected-figures   # README.md ships too
+    python tests/student_copy.py ../em-nat-student --with-expected-figures   # docs/results.md ships too
     python tests/student_copy.py --list                         # the exercises and where they are
 
 The solutions are marked in the source by comment lines
@@ -21,13 +21,16 @@ exercise (tests/test_decode.py's plain_beam_search): in the copy such a region b
 line, so the reference is not handed out and the tests that need it skip, saying why. Grading tests
 (@pytest.mark.exercise) must not need such a reference.
 
-Teacher tools (this file, tests/test_classroom.py) and the project's README (expected figures, answers
-to the experiments) stay out of the copy. The copy's README.md is written from
-docs/classroom_student.md: the copy's exercises and where their stubs are, how to grade them, and the
-README's reading order, exercise table and map; --with-expected-figures adds the project's README as
-README-reference.md. tests/test_classroom.py proves that each exercise's grading tests fail on its
-stub, and only there, that grading passes exactly for the solved exercises as a student solves them one
-by one, and that plausible wrong solutions fail their exercise's grading.
+Teacher tools (this file, tests/test_classroom.py, tests/test_docs.py), the project's README,
+docs/classroom.md (how copies are made, tolerances) and docs/reproducing.md stay out of the copy. The
+copy's README.md is written from docs/classroom_student.md: the copy's exercises and where their stubs
+are, how to grade them, the reading-order and exercise tables of docs/classroom.md and the map from the
+paper to the code of docs/method.md. docs/method.md ships as it is, after a check that it holds no
+expected figure and names no file the copy lacks (SHIPPED_DOCS, TEACHER_ONLY); --with-expected-figures
+adds docs/results.md (the expected figures) with a note on top. tests/test_classroom.py proves that
+each exercise's grading tests fail on its stub, and only there, that grading passes exactly for the
+solved exercises as a student solves them one by one, and that plausible wrong solutions fail their
+exercise's grading.
 """
 import argparse
 import ast
@@ -41,8 +44,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = tuple(name for name in ("model.py", "data.py", "decode.py", "em_nat.py", "train.py", "report.py")
                 if os.path.isfile(os.path.join(ROOT, name)))
 PROJECT_FILES = ("requirements.txt", "pytest.ini")       # copied as they are (the modules: stubbed)
-TEACHER_FILES = ("student_copy.py", "test_classroom.py")  # in tests/, never in a copy
+# In tests/, never in a copy: the teacher's tools, and test_docs.py, which checks the project's README and
+# docs/ pages (a copy holds its own README and docs/method.md only).
+TEACHER_FILES = ("student_copy.py", "test_classroom.py", "test_docs.py")
 STUDENT_README = os.path.join("docs", "classroom_student.md")
+CLASSROOM = os.path.join("docs", "classroom.md")          # the reading order and exercise tables
+METHOD = os.path.join("docs", "method.md")                # the map from the paper to the code
+SHIPPED_DOCS = (METHOD,)                                  # copied as they are, once checked
+FIGURES = os.path.join("docs", "results.md")              # ships only with --with-expected-figures
+# What a shipped document must not hold: names of teacher tools or of pages the copy lacks, the
+# solution markers, or expected figures ("88.3 [83.7, 93.7]").
+TEACHER_ONLY = re.compile(r"student_copy|test_classroom|# >>> exercise|classroom\.md|results\.md|reproducing\.md|"
+                          r"README|Expected[ (:]|\d\.\d \[\d")
 START = re.compile(r"^(\s*)# >>> exercise (\d+): (.+?)\s*$")
 END = re.compile(r"^\s*# <<< exercise (\d+)\s*$")
 
@@ -132,11 +145,12 @@ def shipped_test_files(root=ROOT):
                   if name.endswith(".py") and name not in TEACHER_FILES)
 
 
-def markdown_table(text, heading):
-    """The first markdown table after the line `heading` of a README, as a list of lines."""
+def markdown_table(text, heading, source="README.md"):
+    """The first markdown table after the line `heading` of a markdown page (`source`, named in
+    errors), as a list of lines."""
     lines = text.split("\n")
     if heading not in lines:
-        raise MarkerError(f"README.md has no heading {heading!r}, whose table the student's README shows")
+        raise MarkerError(f"{source} has no heading {heading!r}, whose table the student's README shows")
     start = lines.index(heading) + 1
     while start < len(lines) and not lines[start].startswith("|"):
         start += 1
@@ -144,7 +158,7 @@ def markdown_table(text, heading):
     while end < len(lines) and lines[end].startswith("|"):
         end += 1
     if end - start < 3:
-        raise MarkerError(f"README.md: no table under {heading!r}")
+        raise MarkerError(f"{source}: no table under {heading!r}")
     return lines[start:end]
 
 
@@ -163,32 +177,46 @@ def stub_places(dest):
     return places
 
 
+def read_doc(root, name):
+    with open(os.path.join(root, name), encoding="utf-8") as f:
+        return f.read()
+
+
 def student_readme(dest, chosen, available, with_expected_figures, root=ROOT):
-    """The copy's README.md: docs/classroom_student.md with this copy's exercises and the README's tables."""
-    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    with open(os.path.join(root, STUDENT_README), encoding="utf-8") as f:
-        template = f.read()
+    """The copy's README.md: docs/classroom_student.md with this copy's exercises, the reading-order and
+    exercise tables of docs/classroom.md, and the map of docs/method.md."""
+    classroom, method = read_doc(root, CLASSROOM), read_doc(root, METHOD)
+    template = read_doc(root, STUDENT_README)
     template = template[template.index("-->") + 3:].lstrip("\n")     # the note to the teacher
     places = stub_places(dest)
     exercises = "\n".join(f"- **Exercise {n}: {available[n][0]}**: {', '.join(places[n])}" for n in sorted(chosen))
-    table = markdown_table(readme, "### Exercises")
+    table = markdown_table(classroom, "## Exercises", CLASSROOM)
     rows = [row for row in table[2:] if int(row.split("|")[1]) in chosen]
     if len(rows) != len(chosen):
-        raise MarkerError(f"README.md's exercise table has rows for {len(rows)} of the exercises {sorted(chosen)}")
-    figures = ("The expected figures, measured on the reference implementation, are in README-reference.md "
-               "(the project's own README)." if with_expected_figures else
+        raise MarkerError(f"{CLASSROOM}'s exercise table has rows for {len(rows)} of the exercises {sorted(chosen)}")
+    figures = ("The expected figures, measured on the reference implementation, are in docs/results.md." if
+               with_expected_figures else
                "This copy gives no expected figures: what you measure is the result, and your seeds' spread tells "
                "you how far to trust a difference.")
     return template.format(exercises=exercises, exercise_table="\n".join(table[:2] + rows),
-                           reading_order="\n".join(markdown_table(readme, "### Reading order")),
-                           paper_map="\n".join(markdown_table(readme, "## Map from the paper to the code")),
+                           reading_order="\n".join(markdown_table(classroom, "## Reading order", CLASSROOM)),
+                           paper_map="\n".join(markdown_table(method, "## Map from the paper to the code", METHOD)),
                            expected_figures=figures)
 
 
-REFERENCE_NOTE = ("> The reference project's own README, shipped with this copy for its expected figures. Where it\n"
-                  "> speaks of `# >>> exercise` markers, solutions, tests/student_copy.py or tests/test_classroom.py,\n"
-                  "> it describes the teacher's project, not this copy: here README.md says what to do.\n\n")
+def check_shipped_doc(name, text):
+    """A document that ships as it is must be true in the copy: no expected figure, no solution marker,
+    no name of a teacher tool or of a page the copy lacks."""
+    for number, line in enumerate(text.split("\n"), 1):
+        found = TEACHER_ONLY.search(line)
+        if found:
+            raise MarkerError(f"{name}:{number}: {found[0]!r} would be untrue or an answer in a student copy; "
+                              f"keep expected figures in {FIGURES} and teacher matters in {CLASSROOM}")
+
+
+FIGURES_NOTE = ("> The expected figures of the experiments, measured on the reference implementation and shipped\n"
+                "> with this copy. Links to other pages of the reference project (its README, docs/classroom.md,\n"
+                "> docs/reproducing.md) lead to files this copy does not hold; README.md says what to do here.\n\n")
 
 
 def write_student_copy(dest, exercises=None, root=ROOT, with_expected_figures=False):
@@ -198,9 +226,13 @@ def write_student_copy(dest, exercises=None, root=ROOT, with_expected_figures=Fa
     unknown = sorted(chosen - set(available))
     if unknown:
         raise MarkerError(f"no exercise {', '.join(map(str, unknown))}; the exercises are {sorted(available)}")
+    docs = {name: read_doc(root, name) for name in SHIPPED_DOCS}
+    for name, text in docs.items():
+        check_shipped_doc(name, text)
     if os.path.exists(dest) and os.listdir(dest):
         raise FileExistsError(f"{dest} exists and is not empty; choose a new directory")
     os.makedirs(os.path.join(dest, "tests"), exist_ok=True)
+    os.makedirs(os.path.join(dest, "docs"), exist_ok=True)
     for name in PROJECT_FILES:
         if os.path.isfile(os.path.join(root, name)):
             shutil.copy2(os.path.join(root, name), os.path.join(dest, name))
@@ -210,26 +242,29 @@ def write_student_copy(dest, exercises=None, root=ROOT, with_expected_figures=Fa
     for name in shipped_test_files(root):
         with open(os.path.join(dest, "tests", name), "w", encoding="utf-8") as f:
             f.write(stub_file(os.path.join(root, "tests", name), chosen, is_test=True))
+    if with_expected_figures:
+        docs[FIGURES] = FIGURES_NOTE + read_doc(root, FIGURES)
+    for name, text in docs.items():
+        with open(os.path.join(dest, name), "w", encoding="utf-8") as f:
+            f.write(text)
     with open(os.path.join(dest, "README.md"), "w", encoding="utf-8") as f:
         f.write(student_readme(dest, chosen, available, with_expected_figures, root))
-    if with_expected_figures:
-        with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
-            readme = f.read()
-        with open(os.path.join(dest, "README-reference.md"), "w", encoding="utf-8") as f:
-            f.write(REFERENCE_NOTE + readme)
     return sorted(chosen)
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Write a student's copy of em-nat with exercises cut out.")
     p.add_argument("dest", nargs="?", help="directory of the copy (new or empty)")
     p.add_argument("-e", "--exercises", type=int, nargs="+", metavar="N",
                    help="the exercises to cut out (default: all)")
     p.add_argument("--with-expected-figures", action="store_true",
-                   help="also ship the project's README (expected figures, answers to the experiments) as "
-                        "README-reference.md")
+                   help="also ship docs/results.md (the expected figures of the experiments)")
     p.add_argument("--list", action="store_true", help="list the exercises and where they are, then exit")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.list or not args.dest:
         for number, (title, places) in list_exercises().items():
             print(f"exercise {number}: {title:<42} {', '.join(places)}")

@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from student_copy import (MODULES, MarkerError, ROOT, TEACHER_FILES, exercise_regions, list_exercises, stub_file,
-                          shipped_test_files, stub_functions, write_student_copy)
+from student_copy import (MODULES, MarkerError, ROOT, TEACHER_FILES, check_shipped_doc, exercise_regions,
+                          list_exercises, stub_file, shipped_test_files, stub_functions, write_student_copy)
 
 
 def grade(project_dir, report, exercises=None):
@@ -214,12 +214,22 @@ def test_the_copy_holds_no_answer_no_teacher_tool_and_says_how_to_grade(tmp_path
         assert f"**Exercise {number}: {title}**" in readme
     assert "python -m pytest --exercise N" in readme and "student_copy" not in readme
     assert not re.search(r"Expected[ (:]|\d\.\d \[\d", readme)                   # no expected figures
-    assert "README-reference.md" not in shipped
+    assert "docs/method.md" in shipped and "## Map from the paper to the code" in readme
+    assert not {"docs/results.md", "docs/classroom.md", "docs/reproducing.md"} & set(shipped)
     with_figures = tmp_path / "with-figures"
     write_student_copy(str(with_figures), [4], with_expected_figures=True)
     readme = (with_figures / "README.md").read_text(encoding="utf-8")
     assert "**Exercise 4: ODD Viterbi**: `decode.py` line" in readme and "Exercise 6" not in readme
-    assert (with_figures / "README-reference.md").read_text(encoding="utf-8").startswith("> The reference project")
+    assert "docs/results.md" in readme
+    assert (with_figures / "docs" / "results.md").read_text(encoding="utf-8").startswith("> The expected figures")
+
+
+def test_a_shipped_doc_must_be_true_in_the_copy():
+    check_shipped_doc("docs/method.md", "The E-step picks within Q.\nSee `decode.odd_viterbi`.")
+    for text in ("Expected: 88.3", "valid% 88.3 [83.7, 93.7]", "see docs/results.md", "tests/student_copy.py",
+                 "between `# >>> exercise 4: ODD` markers", "the classroom.md page"):
+        with pytest.raises(MarkerError, match="docs/method.md:2: .* student copy"):
+            check_shipped_doc("docs/method.md", "fine\n" + text)
 
 
 def test_a_reference_in_a_test_file_becomes_a_skip(tmp_path):
