@@ -1,4 +1,4 @@
-"""data.py: text in, padded tensors out (the data side of the paper's experiments; README "Method").
+"""data.py: text in, padded tensors out (the data side of the paper's experiments; docs/method.md).
 
 - `Vocab`: the joint source/target vocabulary, special tokens first (<pad> <eos> <unk> <bos>).
 - `read_parallel`: a pair of aligned text files, one sentence per line, with clear one-line errors.

@@ -1,4 +1,4 @@
-"""decode.py: everything that turns a trained model into text (the paper's decoding: README "Method").
+"""decode.py: everything that turns a trained model into text (the paper's decoding: docs/method.md).
 
 - AR: greedy search, and beam search with a finished set (as GNMT, fairseq and the official
   beamsearch.py do): each step the 2k best extensions of the k live hypotheses are taken; those ending

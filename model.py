@@ -1,4 +1,4 @@
-"""model.py: the two models that the EM loop alternates between (README "Method").
+"""model.py: the two models that the EM loop alternates between (docs/method.md).
 
 One compact encoder-decoder Transformer with two kinds of decoder:
 
@@ -15,7 +15,7 @@ Both follow the layout of the official code (models/nat_modeling.py):
   acts as a summary slot, from which the NAR model predicts the target length;
 - post-layer-norm blocks; the NAR decoder has one layer more than configured;
 - loss = label-smoothed token cross-entropy averaged over target tokens (+ 0.1 x length loss for NAR).
-Where they depart from it (README "Where em-nat departs from the official code"): dropout only on the
+Where they depart from it (docs/method.md, "Where em-nat departs from the official code"): dropout only on the
 embeddings and on each sub-layer's output (none on attention weights or the ReLU output); separate
 position tables for encoder and decoder; no LayerNorm on the embeddings; no source-language bias; and
 NAR targets carry no <EOS>: the official code puts <EOS> at the last decoder input slot and predicts it

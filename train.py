@@ -79,8 +79,8 @@ class TrainConfig:
 # CPU; "iwslt" is the paper's IWSLT14 schedule in steps. Its update is smaller than its 8192-token
 # batch: the official batch size 35000 counts padded positions at the maximum length 175, i.e. 200
 # sentence pairs (about 5k target tokens); --max-tokens 5000 holds ~200 pairs of IWSLT14-like
-# lengths (README "Batch sizes"). WMT14 (base): 160 pairs x update_freq 8. The defaults stay, so
-# that runs resume as they began.
+# lengths (docs/reproducing.md, "Batch arithmetic"). WMT14 (base): 160 pairs x update_freq 8. The
+# defaults stay, so that runs resume as they began.
 TRAIN_PRESETS = {
     "toy": dict(lr=3e-3, warmup=200, max_tokens=2048, ar_steps=1200, nar_steps=1500,
                 valid_every=300),

@@ -24,6 +24,7 @@ def test_selection_keeps_the_candidate_with_the_highest_nar_score():
     nar = Transformer(ModelConfig(vocab_size=12, kind="nar", d_model=32, n_heads=4, d_ff=64, enc_layers=1,
                                   dec_layers=1, dropout=0.0, max_len=10)).eval()
     nar.length_logits = lambda enc: 3 * enc[:, 0, :11]       # a length classifier of its own (not exercise 1's)
+    without_exercise_2(nar)
     rng = random.Random(0)
     sources = [[rng.randint(4, 11) for _ in range(rng.randint(2, 6))] for _ in range(7)]
     candidates = [[[rng.randint(4, 11) for _ in range(rng.randint(1, 7))] for _ in range(5)] for _ in sources]
@@ -100,6 +101,16 @@ def tiny_nar(seed=0, sharpness=4.0):
                                   dec_layers=1, dropout=0.0, max_len=10)).eval()
     with torch.no_grad():
         nar.embed.weight.mul_(sharpness)
+    return without_exercise_2(nar)
+
+
+def without_exercise_2(nar):
+    """The NAR model's decoder states from a stand-in of its own (the encoder summary plus position
+    embeddings), so that exercise 7's grading does not depend on exercise 2's decoder input."""
+    def states(lengths, enc, enc_keep, max_tgt_len=None):
+        t = int(lengths.max()) if max_tgt_len is None else max_tgt_len
+        return enc[:, :1] + nar.tgt_pos.weight[:t][None] * 4.0                  # (batch, t, d)
+    nar.nar_states = states
     return nar
 
 
@@ -192,7 +203,7 @@ def test_pipeline_artefacts_and_resume(tmp_path, monkeypatch):
         for name in ("model.pt", "config.json", "vocab.txt", "result.json", "train.tgt"):
             assert os.path.isfile(tmp_path / "full" / stage / name), (stage, name)
         assert not os.path.exists(tmp_path / "full" / stage / "resume.pt")
-        for decoder in (["beam"] if stage.endswith("ar") else ["argmax", "ODD", "NPD"]):   # the test outputs
+        for decoder in (["beam"] if stage == "ar" or stage.endswith("-ar") else ["argmax", "ODD", "NPD"]):   # the test outputs
             lines = read_lines(tmp_path / "full" / stage / f"test.{decoder}.txt")
             assert len(lines) == 300 and all(line.strip() for line in lines[:5]), (stage, decoder)
 
