@@ -198,6 +198,8 @@ class Stopped(Exception):
 def make_optimizer(model, cfg):
     """AdamW; no weight decay on biases and layer-norm weights (the official optimization.py also
     spares them; it decays the embeddings too, as here)."""
+    # Matrices (weights, embeddings) decay; vectors (biases, layer-norm gains) do not: decaying a
+    # gain towards 0 would fight the normalisation it exists to scale.
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -296,11 +298,13 @@ def restore_resume_state(path, model, optimizer, scheduler):
     if not os.path.isfile(path):
         return {"step": 0, "epoch": 0, "batch": 0, "best": float("inf"), "tokens": 0,
                 "seconds": 0.0}
+    # weights_only=False: the file holds the position dict and RNG states, not only tensors; it is
+    # one this loop wrote itself.
     state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
+    torch.set_rng_state(state["rng"])                 # the same dropout masks as an unbroken run
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["position"]
@@ -311,6 +315,8 @@ def update_batches(batches, cfg):
     consecutive batches of the stream; rank r trains on the r-th run of update_freq of them, so N
     processes with update_freq K train on exactly the batches of one process with
     update_freq N x K."""
+    # Every process draws the whole update from the same stream (same seed), then keeps its share:
+    # no process needs to know what the others train on.
     update = [next(batches) for _ in range(cfg.update_freq * world_size())]
     return update[rank() * cfg.update_freq:(rank() + 1) * cfg.update_freq]
 
@@ -323,7 +329,7 @@ def update_normalizers(model, micro_batches):
     has."""
     if len(micro_batches) == 1 and world_size() == 1:
         return None
-    counts = [model.target_counts(tgt) for _, tgt in micro_batches]
+    counts = [model.target_counts(tgt) for _, tgt in micro_batches]   # (tokens, sentences) each
     totals = sum_over_ranks(torch.tensor([float(sum(c[0] for c in counts)),
                                           float(sum(c[1] for c in counts))]))
     return (totals / world_size()).tolist()
@@ -334,6 +340,8 @@ def remaining_batches(lengths, cfg, position):
     shuffle, so a resumed loop sees the same batches as an uninterrupted one). Updates position's
     epoch/batch."""
     while True:
+        # The epoch's shuffle depends only on (seed, epoch): a resumed loop rebuilds the same list
+        # and skips the batches it already trained on.
         batches = make_batches(lengths, cfg.max_tokens,
                                random.Random(cfg.seed * 100003 + position["epoch"]))
         for batch in batches[position["batch"]:]:
@@ -351,19 +359,23 @@ def train_step(net, optimizer, scheduler, micro_batches, cfg, desc, out_dir, ste
     processes at the update's last backward pass). Returns (the update's loss, this process's target
     tokens). A non-finite loss stops the loop."""
     model = getattr(net, "module", net)
+    # Each batch's loss is divided by the token count of the whole update, not its own, so that the
+    # summed gradients are those of one big batch, however the update is split.
     normalizers = update_normalizers(model, micro_batches)
     loss_sum, n_tokens = 0.0, 0
     for i, (src, tgt) in enumerate(micro_batches):
         with gradients_kept_local(net, last=i == len(micro_batches) - 1):
             loss, n = forward_backward(net, src, tgt, cfg, desc, normalizers)
-        loss_sum, n_tokens = loss_sum + loss.detach(), n_tokens + n
+        loss_sum, n_tokens = loss_sum + loss.detach(), n_tokens + n   # detach: no graph kept alive
+    # One host sync per update (float()), for the check below and the progress bar.
     loss_value = float(sum_over_ranks(loss_sum)) / world_size()
     if not math.isfinite(loss_value):
+        # Stop before the step: the weights saved at the last validation are still good.
         raise TrainingError(f"{desc}: the loss became {loss_value} at step {step}; the last good "
                             f"weights are in "
                             f"{out_dir}; lower --lr (now {cfg.lr}) and run again")
     optimizer_step(model, optimizer, cfg)
-    scheduler.step()
+    scheduler.step()                                  # the learning rate of the next step
     return loss_value, int(n_tokens)
 
 
