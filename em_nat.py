@@ -555,11 +555,11 @@ def check_run_dir(directory, settings, vocab):
         vocab.save(vocab_path)
 
 
-def new_model(run, kind, init_from=None):
-    """A fresh model. The seed is set right here, from the stage's place in the loop, because
-    building a model draws from the RNG: a resumed stage must start from the same weights and
-    dropout stream as an uninterrupted one."""
-    torch.manual_seed(run.cfg.seed * 1000 + len(run.results))
+def new_model(run, kind, init_from=None, offset=0):
+    """A fresh model. The seed is set right here, from the stage's place in the loop (plus `offset`
+    for the extra models of a stage), because building a model draws from the RNG: a resumed
+    stage must start from the same weights and dropout stream as an uninterrupted one."""
+    torch.manual_seed(run.cfg.seed * 1000 + offset + len(run.results))
     dropout = {} if run.cfg.train.dropout is None else {"dropout": run.cfg.train.dropout}
     model = build_model(model_config(run.cfg.preset, len(run.corpus.vocab), kind,
                                      max_len=run.max_len, **dropout),
@@ -588,11 +588,7 @@ def train_stage_model(run, name, model, targets):
 def train_fold_model(run, stage, k, indices, targets):
     """A cross-fitting NAR model: trained on the training pairs `indices` (those outside fold k)
     with `targets`, into <stage>/fold<k>; resumable like a stage."""
-    torch.manual_seed(run.cfg.seed * 1000 + 100 * (k + 1) + len(run.results))
-    dropout = {} if run.cfg.train.dropout is None else {"dropout": run.cfg.train.dropout}
-    model = build_model(model_config(run.cfg.preset, len(run.corpus.vocab), "nar",
-                                     max_len=run.max_len, **dropout),
-                        run.device)
+    model = new_model(run, "nar", offset=100 * (k + 1))
     pairs = [(run.train_sources[i], targets[i]) for i in indices
              if 0 < len(targets[i]) <= run.max_len]
     directory = os.path.join(run.stage_dir(stage), f"fold{k}")

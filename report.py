@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import decode
-from data import Corpus, collate, make_batches, pad_batch, remove_bpe
+from data import Corpus, collate, make_batches, pad_batch, remove_bpe, write_text_atomic
 from decode import NBest, ar_beam_search, bleu, ids_to_text, nar_decode, score_pairs, translate_ids
 from model import (EOS, PAD, build_model, count_parameters, model_config, precision_context,
                    synchronize)
@@ -241,16 +241,9 @@ def write_outputs(directory, test, outputs):
         path = os.path.join(directory, f"{test.split}.{method}.txt")
         text = [test.text(out) if test.corpus.toy is not None else decode.detokenize(test.text(out))
                 for out in outs]
-        write_lines(path, text)
+        write_text_atomic(path, "".join(line + "\n" for line in text))
         paths.append(path)
     return paths
-
-
-def write_lines(path, lines):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------
