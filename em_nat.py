@@ -77,7 +77,7 @@ class EMConfig:
     iterations: int = 2           # EM iterations after distillation
     candidates: int = 20          # N of the AR N-best that Q is drawn from (the official code: 20)
     # Q: candidates within this many nats (length-normalised AR score) of the AR model's best;
-    # None: all N (the official code)
+    # "<c>x": c times the best's own -score (its confidence); None: all N (the official code)
     quality_margin: float = 1.0
     # E-step: "nar" (the paper), the controls "random" and "ar-top1", or "nar-crossfit": NAR
     # models that never trained on the source judge it
@@ -154,7 +154,17 @@ def quality_constrained_set(candidates, ar_scores, margin):
     if margin is None:
         return [c for c, _ in real]
     best = max(s for _, s in real)
-    return [c for c, s in real if s >= best - margin]
+    return [c for c, s in real if s >= best - margin_nats(margin, best)]
+
+
+def margin_nats(margin, best):
+    """The margin in nats for a source whose AR top-1 scores `best`: a number of nats, or "<c>x",
+    c times -best, the top-1's own length-normalised negative log-probability (a margin scaled by
+    the AR model's confidence: Q narrows to the top-1 where the AR model is sure of it, and widens
+    where it is not)."""
+    if isinstance(margin, str):
+        return float(margin[:-1]) * -best
+    return margin
 
 
 def nar_scores(run, nar_model, pairs):
@@ -653,7 +663,8 @@ def run_pipeline(cfg: RunConfig):
 # ------------------------------------------------------------------------------------------------
 # Studies over runs: the quality margin, seeds and controls
 # ------------------------------------------------------------------------------------------------
-MARGINS = (None, 3.0, 2.0, 1.0, 0.5, 0.0)      # 0: Q = the AR top-1 alone, i.e. plain distillation
+# 0: Q = the AR top-1 alone, i.e. plain distillation; "Cx": scaled by the AR top-1's confidence
+MARGINS = (None, 3.0, 2.0, 1.0, 0.5, 0.0, "2x", "1x", "0.5x")
 
 
 def margin_study(cfg: RunConfig, margins=MARGINS):
@@ -758,14 +769,19 @@ def benchmark(cfg: RunConfig, steps, sentences):
 # The command line: `python train.py` (or `python em_nat.py`)
 # ------------------------------------------------------------------------------------------------
 def margin_value(text):
-    """--quality-margin: a number of nats, or 'none' (no margin)."""
+    """--quality-margin: a number of nats, '<c>x' (c times the AR top-1's own length-normalised
+    negative log-probability), or 'none' (no margin)."""
     if text.lower() == "none":
         return None
     try:
-        return float(text)
+        scaled = text.endswith("x")
+        value = float(text[:-1] if scaled else text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of nats or 'none', "
-                                         f"got {text!r}") from None
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of nats (e.g. 1), a multiple of the AR "
+                                         f"top-1's -score (e.g. 0.5x) or 'none', got {text!r}")
+    return f"{value:g}x" if scaled else value
 
 
 def preset_help():
@@ -894,10 +910,11 @@ def add_em_options(e):
     e.add_argument("--em-iterations", type=int, default=2, help="EM iterations after distillation")
     e.add_argument("--candidates", type=int, default=20,
                    help="AR N-best candidates per source (E-step)")
-    e.add_argument("--quality-margin", type=margin_value, default=1.0, metavar="NATS|none",
+    e.add_argument("--quality-margin", type=margin_value, default=1.0, metavar="NATS|Cx|none",
                    help="the E-step's set Q keeps the N-best candidates within this many nats "
-                        "(length-normalised AR score) of the AR model's best; 'none' keeps all N, "
-                        "as the official code")
+                        "(length-normalised AR score) of the AR model's best; 'Cx' (e.g. 0.5x): "
+                        "within C times the best's own -score, so Q narrows where the AR model is "
+                        "confident; 'none' keeps all N, as the official code")
     e.add_argument("--selection", choices=SELECTIONS, default="nar",
                    help="E-step choice within Q: the NAR model's favourite (the paper), or a "
                         "control: a random candidate, the AR model's own top-1, or nar-crossfit: "

@@ -1,5 +1,6 @@
 """em_nat.py: selection by NAR likelihood, the multi-modality measure, and the whole pipeline on a
 tiny setting (artefacts, selections among the candidates, resume = uninterrupted run)."""
+import argparse
 import json
 import math
 import os
@@ -308,6 +309,21 @@ def test_quality_margin_keeps_the_candidates_near_the_ar_best():
     assert em_nat.quality_constrained_set(cands, [-1.0, -1.5, -2.2, -9.0], None) == cands
     assert em_nat.quality_constrained_set(cands, [-1.0, -1.5, -2.2, -9.0], 1.1) == [[4], [5]]
     assert em_nat.quality_constrained_set(cands, [-1.0, -1.5, -2.2, -9.0], 0.0) == [[4]]
+
+
+def test_a_confidence_scaled_margin_narrows_q_where_the_ar_model_is_sure():
+    cands = [[4], [5], [6], [7]]
+    # "Cx": within C times -score of the top-1. Best -1.0: 1.1x is 1.1 nats.
+    assert em_nat.quality_constrained_set(cands, [-1.0, -1.5, -2.2, -9.0], "1.1x") == [[4], [5]]
+    # The same gaps under a confident top-1 (-0.2): 1.1x is 0.22 nats, Q is the top-1 alone ...
+    assert em_nat.quality_constrained_set(cands, [-0.2, -0.7, -1.4, -8.2], "1.1x") == [[4]]
+    # ... and an unsure one (-2.0): 2.2 nats, three candidates.
+    assert em_nat.quality_constrained_set(cands, [-2.0, -2.5, -3.2, -10.0], "1.1x") == cands[:3]
+    assert [em_nat.margin_value(t) for t in ("0.5x", "2", "none", "3X".lower())] == ["0.5x", 2.0,
+                                                                                       None, "3x"]
+    for bad in ("-1", "x", "abc", "nan", "-0.5x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a number of nats"):
+            em_nat.margin_value(bad)
 
 
 def test_target_modes_known_answers():
