@@ -773,11 +773,11 @@ def margin_value(text):
     negative log-probability), or 'none' (no margin)."""
     if text.lower() == "none":
         return None
+    scaled = text.endswith("x")
     try:
-        scaled = text.endswith("x")
         value = float(text[:-1] if scaled else text)
     except ValueError:
-        value = -1.0
+        value = float("nan")                    # not a number: refused below, with negatives
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number of nats (e.g. 1), a multiple of the AR "
                                          f"top-1's -score (e.g. 0.5x) or 'none', got {text!r}")
