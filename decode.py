@@ -26,6 +26,8 @@ import argparse
 import os
 import sys
 import time
+from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import BPE, DataError, Vocab, make_batches, pad_batch, read_lines, remove_bpe
-from model import (EOS, PAD, BOS, UNK, CheckpointError, Transformer, keep_freed_memory_on_cpu, load_checkpoint,
+from model import (ACTIVE_COUNTERS, EOS, PAD, BOS, UNK, CheckpointError, Counts, Transformer, keep_freed_memory_on_cpu, load_checkpoint,
                    model_config, pick_device, precision_context, resolve_precision, synchronize)
 
 EARLY_STOP_EVERY = 4          # beam steps between "are all beams finished?" host checks
@@ -73,20 +75,33 @@ def ar_greedy(model, src, max_len=None):
     An output holds at most max_len tokens (then <eos> is forced)."""
     max_len = max_output_len(src, model) if max_len is None else max_len
     enc, keep = model.encode(src)
+    keep = additive_mask(keep)                                            # once per batch
     cache, steps = model.new_cache(), int(max_len.max()) + 1
     token = src.new_full((src.size(0),), BOS)
     finished = torch.zeros_like(token, dtype=torch.bool)
     out = []
     for step in range(steps):
-        logits = model.ar_step(token, step, enc, keep, cache).float()     # (batch, vocab)
-        token = allow_only_eos(logits, (step >= max_len)[:, None]).argmax(-1)   # the most likely token
-        token = token.masked_fill(finished, PAD)
+        token = greedy_next(model, token, step, enc, keep, cache, max_len, finished)
         out.append(token)
         finished |= token == EOS
-        if (step + 1) % EARLY_STOP_EVERY == 0 and bool(finished.all()):
+        if (step + 1) % EARLY_STOP_EVERY == 0 and bool(finished.all()):   # host sync
             break
     tokens = torch.stack(out, 1)                                          # (batch, steps)
     return tokens.masked_fill(tokens == EOS, PAD)
+
+
+def greedy_next(model, token, step, enc, keep, cache, max_len, finished):
+    """One greedy step: the most likely next token of every row (batch,), <eos> forced at the length
+    limit, PAD for rows already finished. step: an int, or a (1,) tensor (the fast path)."""
+    logits = model.ar_step(token, step, enc, keep, cache).float()         # (batch, vocab)
+    token = allow_only_eos(logits, (step >= max_len)[:, None]).argmax(-1)
+    return token.masked_fill(finished, PAD)
+
+
+def additive_mask(keep):
+    """(rows, len) bool, True = may attend -> the same mask as float 0 / -inf, built once per batch
+    so that attention does not convert it again at every decoding step."""
+    return torch.zeros(keep.shape, device=keep.device).masked_fill(~keep, NEG_INF)
 
 
 @dataclass
@@ -198,6 +213,7 @@ def ar_beam_search(model, src, beam=5, alpha=1.0, nbest=1, max_len=None):
     max_len = max_output_len(src, model) if max_len is None else max_len.to(device)
     steps = int(max_len.max()) + 1                                         # host syncs before the loop
     enc, keep = model.encode(src)                                          # (batch, src_len+1, d), one per sentence
+    keep = additive_mask(keep)                                             # once per batch
     cache = model.new_cache()
     scores = torch.full((b, k), NEG_INF, device=device)
     scores[:, 0] = 0.0                                                     # one live hypothesis at first
@@ -290,15 +306,29 @@ def nar_decode(model, src, length_beam=1, odd=True, rescorer=None, alpha=1.0, le
     in one pass by ODD or argmax. Each candidate is scored by the NAR model (log p(T|x) + its tokens'
     log-probs) or, with an AR `rescorer`, by the AR log-likelihood over the length penalty (NPD, in
     float32); the best is kept. src: (batch, src_len) -> tokens (batch, out_len), PAD-padded."""
-    b, beam = src.size(0), length_beam
+    enc, keep, len_logp, cand_len = length_candidates(model, src, length_beam, lengths)
+    return decode_lengths(model, src, enc, keep, len_logp, cand_len, odd, rescorer, alpha)
+
+
+def length_candidates(model, src, length_beam, lengths=None):
+    """nar_decode's first half: the encoder's states and mask, the length log-probabilities
+    (batch, max_len+1) and the window of candidate lengths (batch, length_beam) around the predicted
+    (or given) length."""
     enc, keep = model.encode(src)
     len_logp = model.length_logits(enc).float().log_softmax(-1)           # (batch, max_len+1)
     len_logp[:, 0] = NEG_INF                                               # no empty outputs
     center = len_logp.argmax(-1) if lengths is None else lengths
-    cand_len = length_window(center, beam, model.cfg.max_len)             # (batch, beam)
+    return enc, keep, len_logp, length_window(center, length_beam, model.cfg.max_len)
+
+
+def decode_lengths(model, src, enc, keep, len_logp, cand_len, odd, rescorer, alpha, out_len=None):
+    """nar_decode's second half: every candidate length decoded in one pass, each candidate scored
+    (NPD or the NAR model's own score), the best kept: (batch, out_len) tokens. out_len: the number
+    of positions decoded (default: the longest candidate; the fast path gives a fixed bound)."""
+    b, beam = cand_len.shape
     flat_len = cand_len.view(-1)
     enc, keep = enc.repeat_interleave(beam, 0), keep.repeat_interleave(beam, 0)
-    logp = model.decoding_log_probs(model.nar_logits(flat_len, enc, keep))   # (batch*beam, t, vocab)
+    logp = model.decoding_log_probs(model.nar_logits(flat_len, enc, keep, out_len))   # (b*beam, t, vocab)
     tokens, token_score = (odd_viterbi if odd else argmax_decode)(logp, flat_len)
     if rescorer is not None and beam > 1:
         score = npd_scores(rescorer, src.repeat_interleave(beam, 0), tokens, flat_len, alpha)
@@ -306,6 +336,335 @@ def nar_decode(model, src, length_beam=1, odd=True, rescorer=None, alpha=1.0, le
         score = len_logp.gather(1, cand_len).view(-1) + token_score
     best = score.view(b, beam).argmax(1)                                   # (batch,)
     return tokens.view(b, beam, -1)[torch.arange(b, device=src.device), best]
+
+
+# ------------------------------------------------------------------------------------------------
+# The fast path: fixed shapes, replayed as CUDA graphs
+# ------------------------------------------------------------------------------------------------
+# On a GPU, the decoders above are limited by the host, not the arithmetic: each of the ~150 small
+# operations of a decoding step is one kernel launch of tens of microseconds, so at batch 1 the GPU
+# mostly waits. The fast path computes exactly what they compute, on buffers of fixed size: a
+# key/value cache preallocated for every step (model.new_fixed_cache), the step counter on the
+# device, source and output lengths rounded up to a bucket. With every shape fixed, one decoding step
+# can be recorded once as a CUDA graph and replayed: one launch per step instead of ~150. Sentences
+# that finish stay in the batch (their scores are -inf) instead of leaving it, so the shapes do not
+# change. On the CPU and MPS nothing is recorded: the same code runs eagerly, which is how the tests
+# check, on any machine, that the fast path gives the reference decoders' tokens and scores.
+# decode.py uses it on CUDA (use_fast_path); the readable decoders above stay the reference.
+FAST_PATH_DEVICES = ("cuda",)
+BUCKET = 8                    # source lengths and decoding steps are rounded up to a multiple of it
+GRAPH_WARMUP = 2              # eager runs before a graph is recorded (lazy initialisation, autotuning)
+MAX_SESSIONS = 32             # buffer sets (one per shape bucket) kept per model
+
+
+def use_fast_path(device):
+    """Where the fast path pays: on CUDA (one graph replay per step instead of ~150 launches). On the
+    CPU there are no launches to save and the fixed-size cache costs more than it saves."""
+    return torch.device(device).type in FAST_PATH_DEVICES
+
+
+def round_up(n, bucket=BUCKET):
+    return -(-n // bucket) * bucket
+
+
+def autocast_state(device_type):
+    """(enabled, dtype) of the autocast active on `device_type`: a graph records its casts."""
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):                      # torch < 2.4: only the CUDA autocast
+        enabled = device_type == "cuda" and torch.is_autocast_enabled()
+        return enabled, torch.get_autocast_gpu_dtype() if enabled else None
+
+
+class Graphed:
+    """fn() (no arguments: it reads and writes tensors that its owner keeps) recorded once as a CUDA
+    graph, then replayed at every call; on other devices a plain call. Its result tensors are the
+    graph's own: every replay overwrites them."""
+
+    def __init__(self, fn, device):
+        self.fn, self.device, self.graph, self.out = fn, torch.device(device), None, None
+
+    def __call__(self):
+        if self.device.type != "cuda":
+            return self.fn()
+        if self.graph is None:
+            self.graph, self.out = self.record()
+        self.graph.replay()
+        for counter in ACTIVE_COUNTERS:
+            counter.graph_replay()
+        return self.out
+
+    def record(self):
+        enabled, dtype = autocast_state("cuda")
+        # An autocast that caches its weight casts would hand the graph tensors freed at its exit.
+        casts = (torch.autocast("cuda", dtype=dtype, cache_enabled=False) if enabled
+                 else nullcontext())
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with casts, torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP):
+                self.fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with casts, torch.cuda.graph(graph):
+            out = self.fn()
+        return graph, out
+
+
+class GreedySession:
+    """Greedy decoding of `rows` sentences of at most src_len tokens, for at most `steps` steps, on
+    fixed buffers: start() encodes and resets, step() decodes one token for every row."""
+
+    def __init__(self, model, rows, src_len, steps):
+        device = model.embed.weight.device
+        self.model, self.steps = model, steps
+        self.src = torch.full((rows, src_len), PAD, dtype=torch.long, device=device)
+        self.max_len = torch.zeros(rows, dtype=torch.long, device=device)
+        self.at = torch.zeros(1, dtype=torch.long, device=device)        # the step being decoded
+        self.positions = torch.arange(steps, device=device)
+        self.visible = torch.zeros(1, 1, 1, steps, dtype=torch.bool, device=device)
+        self.token = torch.full((rows,), BOS, dtype=torch.long, device=device)
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.out = torch.full((rows, steps), PAD, dtype=torch.long, device=device)
+        self.start, self.step = Graphed(self.encode, device), Graphed(self.decode_step, device)
+
+    def encode(self):
+        enc, keep = self.model.encode(self.src)
+        self.enc, self.keep = enc, additive_mask(keep)
+        self.cache, _ = self.model.new_fixed_cache(len(self.token), self.steps,
+                                                   self.model.cross_keys_values(enc), self.at,
+                                                   self.visible)
+        self.at.zero_()
+        self.token.fill_(BOS)
+        self.finished.zero_()
+        self.out.fill_(PAD)
+
+    def decode_step(self):
+        self.visible.copy_((self.positions <= self.at).view(1, 1, 1, -1))
+        token = greedy_next(self.model, self.token, self.at, self.enc, self.keep, self.cache,
+                            self.max_len, self.finished)
+        self.out.index_copy_(1, self.at, token[:, None])
+        self.finished |= token == EOS
+        self.token.copy_(token)
+        self.at += 1
+
+    def searching(self):
+        return not bool(self.finished.all())                             # host sync
+
+
+class BeamSession:
+    """Beam search (beam k, length penalty alpha) of `rows` sentences on fixed buffers: the same
+    steps as ar_beam_search and beam_step, with the live hypotheses' tokens in a (rows * k, 1 + steps)
+    buffer written one column per step, and done sentences kept in the batch."""
+
+    def __init__(self, model, rows, src_len, steps, k, alpha):
+        device = model.embed.weight.device
+        self.model, self.steps, self.k = model, steps, k
+        self.src = torch.full((rows, src_len), PAD, dtype=torch.long, device=device)
+        self.max_len = torch.zeros(rows, dtype=torch.long, device=device)
+        self.at = torch.zeros(1, dtype=torch.long, device=device)
+        self.positions = torch.arange(steps, device=device)
+        self.visible = torch.zeros(1, 1, 1, steps, dtype=torch.bool, device=device)
+        # The length penalty of an output ending at each step, computed on the host as beam_step does.
+        self.penalty = torch.tensor([length_penalty(t + 1, alpha) for t in range(steps)],
+                                    device=device)
+        self.alpha = alpha
+        self.tokens = torch.full((rows * k, 1 + steps), PAD, dtype=torch.long, device=device)
+        self.scores = torch.full((rows, k), NEG_INF, device=device)
+        self.fin_tokens = torch.full((rows, k, steps), PAD, dtype=torch.long, device=device)
+        self.fin_scores = torch.full((rows, k), NEG_INF, device=device)
+        self.sentence_rows = torch.arange(rows, device=device)[:, None] * k          # (rows, 1)
+        self.start, self.step = Graphed(self.encode, device), Graphed(self.decode_step, device)
+
+    def encode(self):
+        enc, keep = self.model.encode(self.src)
+        self.enc, self.keep = enc, additive_mask(keep)
+        self.cache, self.kv = self.model.new_fixed_cache(
+            len(self.tokens), self.steps, self.model.cross_keys_values(enc), self.at, self.visible)
+        self.bound = length_penalty(self.max_len + 1, self.alpha)
+        self.at.zero_()
+        self.tokens.fill_(PAD)
+        self.tokens[:, 0] = BOS
+        self.scores.fill_(NEG_INF)
+        self.scores[:, 0] = 0.0                                          # one live hypothesis at first
+        self.fin_tokens.fill_(PAD)
+        self.fin_scores.fill_(NEG_INF)
+
+    def decode_step(self):
+        """beam_step's computation (see its docstring) on the fixed buffers."""
+        n, k, steps = self.scores.size(0), self.k, self.steps
+        self.visible.copy_((self.positions <= self.at).view(1, 1, 1, -1))
+        logits = self.model.ar_step(self.tokens.index_select(1, self.at).view(-1), self.at,
+                                    self.enc, self.keep, self.cache).float()   # (n * k, vocab)
+        log_norm = logits.logsumexp(dim=1, keepdim=True)
+        logits = allow_only_eos(logits, (self.at >= self.max_len).repeat_interleave(k)[:, None])
+        cand, origin, token = best_extensions(self.scores, logits, log_norm, 2 * k)   # (n, 2k)
+        ends = token == EOS
+        # The buffer holds PAD after the current step: the prefixes come out padded already.
+        ended = self.tokens.view(n, k, -1)[:, :, 1:].gather(1, origin[..., None].expand(-1, -1, steps))
+        ended_scores = (cand / self.penalty[self.at]).masked_fill(~ends, NEG_INF)
+        fin_scores, pick = torch.cat([self.fin_scores, ended_scores], 1).topk(k, dim=1)
+        fin_tokens = torch.cat([self.fin_tokens, ended], 1).gather(1, pick[..., None].expand(-1, -1, steps))
+        scores, pick = cand.masked_fill(ends, NEG_INF).topk(k, dim=1)
+        rows = (origin.gather(1, pick) + self.sentence_rows).view(-1)    # (n * k,)
+        tokens = self.tokens.index_select(0, rows)
+        tokens.index_copy_(1, self.at + 1, token.gather(1, pick).view(-1, 1))
+        done = scores[:, 0] / self.bound <= fin_scores[:, -1]
+        self.tokens.copy_(tokens)
+        self.scores.copy_(scores.masked_fill(done[:, None], NEG_INF))
+        self.fin_tokens.copy_(fin_tokens)
+        self.fin_scores.copy_(fin_scores)
+        self.kv.copy_(self.kv.index_select(2, rows))                     # every layer's cache rows
+        self.at += 1
+
+    def searching(self):
+        return bool((self.scores[:, 0] > NEG_INF).any())                 # host sync
+
+
+class NarSession:
+    """nar_decode on fixed buffers: one graph for the encoder and the length window, then (after one
+    host sync that reads the longest candidate length) one graph per bucket of output lengths."""
+
+    def __init__(self, model, rows, src_len, length_beam, odd, rescorer, alpha, oracle):
+        device = model.embed.weight.device
+        self.model, self.length_beam, self.odd, self.rescorer, self.alpha = (
+            model, length_beam, odd, rescorer, alpha)
+        self.src = torch.full((rows, src_len), PAD, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device) if oracle else None
+        self.start = Graphed(self.candidates, device)
+        self.decoders, self.device = {}, device
+
+    def candidates(self):
+        self.enc, self.keep, self.len_logp, self.cand_len = length_candidates(
+            self.model, self.src, self.length_beam, self.lengths)
+        return self.cand_len
+
+    def decode(self, out_len):
+        if out_len not in self.decoders:
+            self.decoders[out_len] = Graphed(lambda: decode_lengths(
+                self.model, self.src, self.enc, self.keep, self.len_logp, self.cand_len, self.odd,
+                self.rescorer, self.alpha, out_len), self.device)
+        return self.decoders[out_len]()
+
+
+class FastDecoder:
+    """The fast path of one model: its sessions (buffers and graphs), one per shape bucket, the most
+    recently used kept."""
+
+    def __init__(self, model):
+        self.model, self.sessions = model, OrderedDict()
+
+    def session(self, key, make):
+        # The weights' address too: a model moved to another device needs new buffers and graphs.
+        key = key + (self.model.embed.weight.data_ptr(),)
+        if key not in self.sessions:
+            if len(self.sessions) >= MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+            self.sessions[key] = make()
+        self.sessions.move_to_end(key)
+        return self.sessions[key]
+
+    def src_bucket(self, src):
+        return min(round_up(src.size(1)), self.model.cfg.max_len)
+
+    def load(self, session, src, max_len=None):
+        session.src.fill_(PAD)
+        session.src[:, :src.size(1)] = src
+        if max_len is not None:
+            session.max_len.copy_(max_len)
+
+    def run(self, session, steps):
+        """start(), then up to `steps` steps, asking every EARLY_STOP_EVERY steps whether any
+        sentence is still searching (one host sync)."""
+        session.start()
+        for step in range(steps):
+            session.step()
+            if (step + 1) % EARLY_STOP_EVERY == 0 and not session.searching():
+                break
+
+    def greedy(self, src, max_len=None):
+        model = self.model
+        max_len = max_output_len(src, model) if max_len is None else max_len
+        steps = int(max_len.max()) + 1                                    # host sync, as ar_greedy
+        key = ("greedy", len(src), self.src_bucket(src), self.steps_bucket(steps),
+               autocast_state(src.device.type))
+        session = self.session(key, lambda: self.prepared(GreedySession(
+            model, len(src), key[2], key[3]), src, max_len))
+        self.load(session, src, max_len)
+        self.run(session, steps)
+        tokens = session.out[:, :steps]
+        return tokens.masked_fill(tokens == EOS, PAD)
+
+    def beam_search(self, src, beam=5, alpha=1.0, nbest=1, max_len=None):
+        if not 1 <= nbest <= beam:
+            raise ValueError(f"nbest must be between 1 and the beam size {beam}, not {nbest}")
+        model = self.model
+        max_len = max_output_len(src, model) if max_len is None else max_len.to(src.device)
+        steps = int(max_len.max()) + 1
+        key = ("beam", len(src), self.src_bucket(src), self.steps_bucket(steps), beam, alpha,
+               autocast_state(src.device.type))
+        session = self.session(key, lambda: self.prepared(BeamSession(
+            model, len(src), key[2], key[3], beam, alpha), src, max_len))
+        self.load(session, src, max_len)
+        self.run(session, steps)
+        return session.fin_tokens[:, :nbest, :steps].clone(), session.fin_scores[:, :nbest].clone()
+
+    def nar_decode(self, src, length_beam=1, odd=True, rescorer=None, alpha=1.0, lengths=None):
+        model = self.model
+        key = ("nar", len(src), self.src_bucket(src), length_beam, odd, id(rescorer), alpha,
+               lengths is not None, autocast_state(src.device.type))
+        session = self.session(key, lambda: NarSession(model, len(src), key[2], length_beam, odd,
+                                                       rescorer, alpha, lengths is not None))
+        self.load(session, src)
+        if lengths is not None:
+            session.lengths.copy_(lengths)
+        longest = int(session.start().max())                             # host sync
+        return session.decode(min(round_up(longest), model.cfg.max_len)).clone()
+
+    def steps_bucket(self, steps):
+        return min(round_up(steps), self.model.cfg.max_len + 1)
+
+    def prepared(self, session, src, max_len):
+        """A new session with its graphs recorded (recording runs the step: the next start()
+        resets what it changed)."""
+        self.load(session, src, max_len)
+        session.start()
+        session.step()
+        return session
+
+
+def decoders(device):
+    """(greedy, beam search, NAR decoding) for a device: the fast path's where it pays
+    (use_fast_path), else the reference decoders. Same arguments, same results."""
+    return DECODERS_FAST if use_fast_path(device) else (ar_greedy, ar_beam_search, nar_decode)
+
+
+def fast_decoder(model):
+    """The model's FastDecoder (made at the first call, kept on the model)."""
+    if getattr(model, "fast_decoder", None) is None:
+        model.fast_decoder = FastDecoder(model)
+    return model.fast_decoder
+
+
+@torch.no_grad()
+def fast_greedy(model, src, max_len=None):
+    """ar_greedy on the fast path: the same tokens."""
+    return fast_decoder(model).greedy(src, max_len)
+
+
+@torch.no_grad()
+def fast_beam_search(model, src, beam=5, alpha=1.0, nbest=1, max_len=None):
+    """ar_beam_search on the fast path: the same tokens and scores."""
+    return fast_decoder(model).beam_search(src, beam, alpha, nbest, max_len)
+
+
+@torch.no_grad()
+def fast_nar_decode(model, src, length_beam=1, odd=True, rescorer=None, alpha=1.0, lengths=None):
+    """nar_decode on the fast path: the same tokens."""
+    return fast_decoder(model).nar_decode(src, length_beam, odd, rescorer, alpha, lengths)
+
+
+DECODERS_FAST = (fast_greedy, fast_beam_search, fast_nar_decode)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,13 +700,14 @@ def translate_ids(model, sources, method="beam", beam=5, alpha=1.0, length_beam=
     """One translation (a list of ids) per source id list. method: "greedy" | "beam" (AR) | "nar"."""
     if rescorer is not None:
         rescorer.eval()
+    greedy, beam_search, nar = decoders(device)
     if method == "greedy":
-        fn, rows = (lambda src: tokens_to_lists(ar_greedy(model, src))), 1
+        fn, rows = (lambda src: tokens_to_lists(greedy(model, src))), 1
     elif method == "beam":
-        fn, rows = (lambda src: tokens_to_lists(ar_beam_search(model, src, beam=beam, alpha=alpha)[0][:, 0])), beam
+        fn, rows = (lambda src: tokens_to_lists(beam_search(model, src, beam=beam, alpha=alpha)[0][:, 0])), beam
     elif method == "nar":
-        fn, rows = (lambda src: tokens_to_lists(nar_decode(model, src, length_beam=length_beam, odd=odd,
-                                                           rescorer=rescorer, alpha=alpha))), length_beam
+        fn, rows = (lambda src: tokens_to_lists(nar(model, src, length_beam=length_beam, odd=odd,
+                                                    rescorer=rescorer, alpha=alpha))), length_beam
     else:
         raise ValueError(f"unknown decoding method {method!r}")
     return decode_corpus(model, sources, fn, rows, max_tokens, device, progress, f"decode ({method})", precision)
@@ -413,8 +773,10 @@ class NBest:
 def nbest(model, sources, n, alpha=1.0, max_tokens=4096, device="cpu", progress=False, precision="fp32"):
     """The n best beam-search translations (beam n) of every source, best first, with their
     length-normalised scores, as an NBest. The E-step draws Q from these."""
+    beam_search = decoders(device)[1]
+
     def fn(src):
-        tokens, scores = ar_beam_search(model, src, beam=n, alpha=alpha, nbest=n)   # (batch, n, out_len)
+        tokens, scores = beam_search(model, src, beam=n, alpha=alpha, nbest=n)   # (batch, n, out_len)
         tokens, scores = tokens.cpu().numpy().astype(np.int32), scores.float().cpu().numpy()   # one transfer
         return list(zip(tokens, scores))
     return NBest.from_rows(n, decode_corpus(model, sources, fn, n, max_tokens, device, progress, f"{n}-best",
@@ -566,7 +928,10 @@ def benchmark(args, device):
     """Latency of AR (greedy, beam) vs NAR (ODD with one length, length beam + AR rescoring) on the
     same sentences in one run, with random weights: the AR model is kept from ending early (its <eos>
     logit is pushed down until the forced end) and the NAR model is given the same output length, so
-    both produce exactly --tgt-len tokens and the comparison is like for like."""
+    both produce exactly --tgt-len tokens and the comparison is like for like. Each system runs on
+    the reference decoders and on the fast path (fixed shapes; CUDA graphs on a GPU), side by side;
+    "vs beam" divides the fastest AR beam time by the system's. launches/sent: kernel launches per
+    sentence (ATen operations that compute, and CUDA graph replays), counted on one batch."""
     torch.manual_seed(0)
     vocab_size = 10000
     ar = Transformer(model_config(args.preset, vocab_size, "ar", dropout=0.0)).to(device).eval()
@@ -576,39 +941,62 @@ def benchmark(args, device):
     n, src_len, tgt_len = args.sentences, args.src_len, args.tgt_len
     src = torch.randint(4, vocab_size, (n, src_len), device=device)
     fixed = torch.full((n,), tgt_len, device=device)     # AR: tgt_len tokens, then the forced <eos>
-
-    def run(fn, batch_size):
-        for i in range(0, min(batch_size * 2, n), batch_size):   # warm-up
-            fn(src[i:i + batch_size])
-        synchronize(device)
-        start = time.perf_counter()
-        for i in range(0, n, batch_size):
-            fn(src[i:i + batch_size])
-        synchronize(device)
-        return (time.perf_counter() - start) * 1000 / n    # ms per sentence
-
-    systems = {
-        "AR greedy": lambda s: ar_greedy(ar, s, max_len=fixed[:len(s)]),
-        f"AR beam {args.beam}": lambda s: ar_beam_search(ar, s, beam=args.beam, alpha=args.alpha,
-                                                             max_len=fixed[:len(s)]),
-        "NAR ODD (1 length)": lambda s: nar_decode(nar, s, lengths=fixed[:len(s)]),
-        "NAR ODD + AR rescoring (9 lengths)": lambda s: nar_decode(   # the paper's length beam B = 9
-            nar, s, length_beam=9, rescorer=ar, alpha=args.alpha, lengths=fixed[:len(s)]),
-    }
-    print(f"benchmark: preset {args.preset}, random weights, device {device} ({args.precision}), {n} sentences, "
-          f"{src_len} source -> {tgt_len} target tokens, {torch.get_num_threads()} threads")
+    print(f"benchmark: preset {args.preset}, random weights, device {device} ({args.precision}), "
+          f"{n} sentences, {src_len} source -> {tgt_len} target tokens, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     table = []
     with precision_context(device, args.precision):
         for batch_size in (1, args.batch_size):
-            times = {name: run(fn, batch_size) for name, fn in tqdm(systems.items(), desc=f"batch {batch_size}",
-                                                                    leave=False)}
-            beam_ms = times[f"AR beam {args.beam}"]
-            for name, ms in times.items():
-                table.append((batch_size, name, ms, 1000 / ms, beam_ms / ms, times["AR greedy"] / ms))
-    print(f"\n{'batch':>5}  {'system':<40} {'ms/sent':>9} {'sent/s':>9} {'vs beam':>8} {'vs greedy':>9}")
-    for batch_size, name, ms, per_s, vs_beam, vs_greedy in table:
-        print(f"{batch_size:>5}  {name:<40} {ms:>9.2f} {per_s:>9.1f} {vs_beam:>7.1f}x {vs_greedy:>8.1f}x")
+            times = {}
+            for path, (greedy, beam_search, nar_pass) in (("reference", decoders("cpu")),
+                                                          ("fast", DECODERS_FAST)):
+                systems = latency_systems(ar, nar, fixed, args, greedy, beam_search, nar_pass)
+                for name, fn in tqdm(systems.items(), desc=f"batch {batch_size}, {path}",
+                                     leave=False, disable=not sys.stderr.isatty()):
+                    times[name, path] = (time_per_batch(fn, src, batch_size, device),
+                                         launches_per_sentence(fn, src[:batch_size]))
+            fastest_beam = min(ms for (name, _), (ms, _) in times.items() if name.startswith("AR beam"))
+            for (name, path), (ms, launches) in times.items():
+                table.append((batch_size, name, path, ms, ms / tgt_len, fastest_beam / ms, launches))
+    print(f"\n{'batch':>5}  {'system':<34} {'path':<9} {'ms/sent':>8} {'ms/token':>8} "
+          f"{'vs beam':>8} {'launches/sent':>13}")
+    for batch_size, name, path, ms, per_token, vs_beam, launches in table:
+        print(f"{batch_size:>5}  {name:<34} {path:<9} {ms:>8.2f} {per_token:>8.3f} {vs_beam:>7.1f}x "
+              f"{launches:>13.0f}")
     return table
+
+
+def latency_systems(ar, nar, fixed, args, greedy, beam_search, nar_pass):
+    """The four systems the benchmark times, each a function of a source batch."""
+    return {
+        "AR greedy": lambda s: greedy(ar, s, max_len=fixed[:len(s)]),
+        f"AR beam {args.beam}": lambda s: beam_search(ar, s, beam=args.beam, alpha=args.alpha,
+                                                      max_len=fixed[:len(s)]),
+        "NAR ODD (1 length)": lambda s: nar_pass(nar, s, lengths=fixed[:len(s)]),
+        "NAR ODD + AR rescoring (9 lengths)": lambda s: nar_pass(   # the paper's length beam B = 9
+            nar, s, length_beam=9, rescorer=ar, alpha=args.alpha, lengths=fixed[:len(s)]),
+    }
+
+
+def time_per_batch(fn, src, batch_size, device):
+    """Milliseconds per sentence of fn over src in batches of batch_size, after two warm-up batches
+    (which also record the fast path's graphs)."""
+    n = len(src)
+    for i in range(0, min(batch_size * 2, n), batch_size):
+        fn(src[i:i + batch_size])
+    synchronize(device)
+    start = time.perf_counter()
+    for i in range(0, n, batch_size):
+        fn(src[i:i + batch_size])
+    synchronize(device)
+    return (time.perf_counter() - start) * 1000 / n
+
+
+def launches_per_sentence(fn, src):
+    """Kernel launches per sentence of one call of fn on the batch src (model.Counts)."""
+    with Counts() as counts:
+        fn(src)
+    return counts.launches / len(src)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

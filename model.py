@@ -29,11 +29,13 @@ import json
 import math
 import os
 from contextlib import nullcontext
+from collections import Counter
 from dataclasses import dataclass, asdict, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Special token ids, in the official code's order.
 PAD, EOS, UNK, BOS = 0, 1, 2, 3
@@ -104,6 +106,14 @@ class Attention(nn.Module):
         q = self.split_heads(self.q_proj(x))                      # (rows, heads, q_len, d_head)
         if cache is not None and cache_is_static and "k" in cache:
             k, v = cache["k"], cache["v"]
+        elif cache is not None and "at" in cache:
+            # A fixed-size cache (decode.py's fast path): this step's keys and values are written in
+            # place at position cache["at"] and the query sees the positions written so far. Every
+            # step then has the same shapes, which a CUDA graph needs.
+            k, v = self.keys_values(memory)
+            cache["k"].index_copy_(2, cache["at"], k)
+            cache["v"].index_copy_(2, cache["at"], v)
+            k, v, mask = cache["k"], cache["v"], cache["visible"]
         else:
             k, v = self.keys_values(memory)
             if cache is not None:
@@ -278,6 +288,25 @@ class Transformer(nn.Module):
             x = layer(x, enc, enc_mask, cache=layer_cache)
         return self.output_logits(x, banned=True)[:, 0]
         # <<< exercise 3
+
+    def new_fixed_cache(self, rows, steps, cross, at, visible):
+        """A key/value cache of fixed size for decode.py's fast path: every decoder layer's
+        self-attention keys and values of `rows` hypotheses for `steps` positions, preallocated in
+        one tensor (layers, 2, rows, heads, steps, d_head), and each layer's cross-attention keys and
+        values `cross` (a list of (k, v), computed once per batch). at: (1,) long, the step being
+        decoded; visible: (1, 1, 1, steps) bool, the positions written so far (the caller updates
+        both). ar_step reads and writes it like the growing cache of new_cache. Returns (the
+        per-layer cache, the whole self-attention tensor)."""
+        k0 = cross[0][0]
+        h, d_head = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
+        kv = k0.new_zeros(len(self.decoder), 2, rows, h, steps, d_head)
+        cache = [{"self": {"k": kv[i, 0], "v": kv[i, 1], "at": at, "visible": visible},
+                  "cross": {"k": k, "v": v}} for i, (k, v) in enumerate(cross)]
+        return cache, kv
+
+    def cross_keys_values(self, enc):
+        """Every decoder layer's encoder-attention keys and values: (k, v) per layer."""
+        return [layer.cross_attn.keys_values(enc) for layer in self.decoder]
 
     @staticmethod
     def reorder_cache(cache, index):
@@ -456,6 +485,82 @@ def build_model(cfg: ModelConfig, device="cpu"):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
+
+
+# ----- counting what sets the speed on a GPU: kernel launches and host syncs ------------------------
+# On a GPU em-nat is rarely limited by arithmetic: every PyTorch operation that computes something is
+# one kernel launch (tens of microseconds of host time), and every host sync (the host waits for the
+# device to hand a value back: .item(), int(t), bool(t), .tolist(), .cpu(), nonzero) drains the
+# device's queue. Both can be counted on any device, the CPU included, with a TorchDispatchMode, which
+# sees every ATen operation a piece of code runs:
+#
+#     with Counts() as counts:
+#         ar_greedy(model, src)
+#     counts.launches, counts.syncs, counts.by_name
+#
+# Views (reshape without a copy, slicing, transpose, expand) launch nothing and are not counted; a
+# CUDA graph replay (decode.Graphed) counts as one launch, whatever it holds. The counts are exact
+# and repeatable: tests/test_gpu_path.py holds them to budgets, decode.py --benchmark prints them.
+
+# Operations that make the host wait for the device: a scalar read back (item, int, float, bool of a
+# tensor), and operations whose output size depends on the data.
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"}
+# Tensor methods that copy to the host without an ATen operation the dispatcher sees.
+HOST_COPIES = ("tolist", "numpy")
+# Metadata-only operations: no kernel.
+NO_KERNEL = {"detach", "alias", "lift_fresh", "_to_copy_noop", "empty", "empty_strided", "empty_like",
+             "new_empty", "new_empty_strided", "set_", "resize_", "_reshape_alias", "sym_size",
+             "sym_stride", "sym_numel", "is_same_size", "_has_compatible_shallow_copy_type"}
+
+
+class Counts(TorchDispatchMode):
+    """Counts the kernel launches and host syncs of the code run inside `with Counts() as c:`."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_name = Counter()
+        self.syncs = 0
+        self.saved = {}
+        self.paused = False              # True: operations run without being counted
+
+    @property
+    def launches(self):
+        return sum(self.by_name.values())
+
+    def graph_replay(self):
+        """A CUDA graph replay: one launch (decode.Graphed tells the active counters)."""
+        self.by_name["cuda graph replay"] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.paused:
+            return func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in SYNC_OPS:
+            self.syncs += 1
+        if not (func.is_view or name in NO_KERNEL):
+            self.by_name[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for method in HOST_COPIES:
+            original = getattr(torch.Tensor, method)
+            self.saved[method] = original
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.syncs += 1
+                return _original(tensor, *args, **kwargs)
+            setattr(torch.Tensor, method, counted)
+        ACTIVE_COUNTERS.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for method, original in self.saved.items():
+            setattr(torch.Tensor, method, original)
+        ACTIVE_COUNTERS.remove(self)
+        return super().__exit__(*exc)
+
+
+ACTIVE_COUNTERS = []                     # the Counts now counting (decode.Graphed reports to them)
 
 
 # ----- checkpoints: a plain state dict plus config JSON, each written atomically ----------------------

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 import decode
 from data import Corpus, collate, make_batches, pad_batch, remove_bpe, write_text_atomic
-from decode import NBest, ar_beam_search, bleu, ids_to_text, nar_decode, score_pairs, translate_ids
+from decode import (NBest, ar_beam_search, bleu, decoders, ids_to_text, score_pairs,
+                    translate_ids)
 from model import (EOS, PAD, build_model, count_parameters, model_config, precision_context,
                    synchronize)
 from train import TrainConfig, forward_backward, make_optimizer, optimizer_step
@@ -224,9 +225,10 @@ def evaluate_nar(nar_model, ar_model, test, beam, alpha, length_beam, speed_sent
     timed = test.sources[:speed_sentences]
     if timed:
         with torch.no_grad(), precision_context(test.device, test.precision):
-            ar_ms = time_per_sentence(lambda s: ar_beam_search(ar_model, s, beam=beam, alpha=alpha),
+            _, beam_search, nar = decoders(test.device)       # each on its fastest path
+            ar_ms = time_per_sentence(lambda s: beam_search(ar_model, s, beam=beam, alpha=alpha),
                                       timed, test.device)
-            nar_ms = time_per_sentence(lambda s: nar_decode(nar_model, s), timed, test.device)
+            nar_ms = time_per_sentence(lambda s: nar(nar_model, s), timed, test.device)
         result.update(ar_beam_ms=ar_ms, nar_ms=nar_ms, speedup=ar_ms / nar_ms)
     result["argmax"] = bleu_scores(test, argmax)
     result["rescored"] = bleu_scores(test, rescored)
