@@ -34,11 +34,10 @@ import numpy as np
 import sacrebleu
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from data import BPE, DataError, Vocab, make_batches, pad_batch, read_lines, remove_bpe
-from model import (ACTIVE_COUNTERS, EOS, PAD, BOS, UNK, CheckpointError, Counts, Transformer, keep_freed_memory_on_cpu, load_checkpoint,
-                   model_config, pick_device, precision_context, resolve_precision, synchronize)
+from model import (ACTIVE_COUNTERS, BOS, EOS, PAD, UNK, CheckpointError, Counts, Transformer,
+                   additive_mask, keep_freed_memory_on_cpu, load_checkpoint, model_config, pick_device, precision_context, progress_bar, resolve_precision, synchronize)
 
 EARLY_STOP_EVERY = 4          # beam steps between "are all beams finished?" host checks
 OUTPUT_RATIO, OUTPUT_EXTRA = 1, 20      # an AR output holds at most |x| + 20 tokens, as in the official code
@@ -75,7 +74,7 @@ def ar_greedy(model, src, max_len=None):
     An output holds at most max_len tokens (then <eos> is forced)."""
     max_len = max_output_len(src, model) if max_len is None else max_len
     enc, keep = model.encode(src)
-    keep = additive_mask(keep)                                            # once per batch
+    keep = additive_mask(keep)                # once per batch, not at every step (attention_mask)
     cache, steps = model.new_cache(), int(max_len.max()) + 1
     token = src.new_full((src.size(0),), BOS)
     finished = torch.zeros_like(token, dtype=torch.bool)
@@ -98,10 +97,6 @@ def greedy_next(model, token, step, enc, keep, cache, max_len, finished):
     return token.masked_fill(finished, PAD)
 
 
-def additive_mask(keep):
-    """(rows, len) bool, True = may attend -> the same mask as float 0 / -inf, built once per batch
-    so that attention does not convert it again at every decoding step."""
-    return torch.zeros(keep.shape, device=keep.device).masked_fill(~keep, NEG_INF)
 
 
 @dataclass
@@ -213,7 +208,7 @@ def ar_beam_search(model, src, beam=5, alpha=1.0, nbest=1, max_len=None):
     max_len = max_output_len(src, model) if max_len is None else max_len.to(device)
     steps = int(max_len.max()) + 1                                         # host syncs before the loop
     enc, keep = model.encode(src)                                          # (batch, src_len+1, d), one per sentence
-    keep = additive_mask(keep)                                             # once per batch
+    keep = additive_mask(keep)                # once per batch, not at every step (attention_mask)
     cache = model.new_cache()
     scores = torch.full((b, k), NEG_INF, device=device)
     scores[:, 0] = 0.0                                                     # one live hypothesis at first
@@ -683,7 +678,7 @@ def decode_corpus(model, sources, decode_batch, rows_per_source, max_tokens, dev
     batches = make_batches([len(s) for s in sources], max(max_tokens // rows_per_source, 1))
     results = [None] * len(sources)
     model.eval()
-    bar = tqdm(total=len(sources), desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=len(sources), desc=desc, disable=not progress)
     with precision_context(device, precision):
         for batch in batches:
             outs = decode_batch(pad_batch([sources[i] for i in batch], device))
@@ -951,8 +946,7 @@ def benchmark(args, device):
             for path, (greedy, beam_search, nar_pass) in (("reference", decoders("cpu")),
                                                           ("fast", DECODERS_FAST)):
                 systems = latency_systems(ar, nar, fixed, args, greedy, beam_search, nar_pass)
-                for name, fn in tqdm(systems.items(), desc=f"batch {batch_size}, {path}",
-                                     leave=False, disable=not sys.stderr.isatty()):
+                for name, fn in progress_bar(systems.items(), desc=f"batch {batch_size}, {path}"):
                     times[name, path] = (time_per_batch(fn, src, batch_size, device),
                                          launches_per_sentence(fn, src[:batch_size]))
             fastest_beam = min(ms for (name, _), (ms, _) in times.items() if name.startswith("AR beam"))

@@ -28,6 +28,7 @@ import ctypes
 import json
 import math
 import os
+import sys
 from contextlib import nullcontext
 from collections import Counter
 from dataclasses import dataclass, asdict, fields
@@ -36,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from tqdm import tqdm
 
 # Special token ids, in the official code's order.
 PAD, EOS, UNK, BOS = 0, 1, 2, 3
@@ -180,8 +182,15 @@ def padding_mask(lengths, max_len):
 
 
 def attention_mask(keep):
-    """(batch, k_len) bool -> (batch, 1, 1, k_len): every query may attend to the real keys only."""
-    return keep[:, None, None, :]
+    """(batch, k_len) -> (batch, 1, 1, k_len): every query may attend to the real keys only, as an
+    additive mask (0 or -inf) built once and shared by every layer (attention would otherwise
+    convert a bool mask again in each layer). keep: bool, True = a real key; or already additive."""
+    return (additive_mask(keep) if keep.dtype == torch.bool else keep)[:, None, None, :]
+
+
+def additive_mask(keep):
+    """(rows, len) bool, True = may attend -> the same mask as float 0 / -inf."""
+    return torch.zeros(keep.shape, device=keep.device).masked_fill_(~keep, float("-inf"))
 
 
 class Transformer(nn.Module):
@@ -380,8 +389,9 @@ class Transformer(nn.Module):
 
     def target_counts(self, tgt):
         """(target tokens, sentences) of a batch, as forward counts them (the AR model also predicts
-        <eos>): the denominators of its loss."""
-        return int((tgt != PAD).sum()) + (tgt.size(0) if self.cfg.kind == "ar" else 0), tgt.size(0)
+        <eos>): the denominators of its loss. A float tensor (2,) on tgt's device (no host sync)."""
+        eos = tgt.size(0) if self.cfg.kind == "ar" else 0
+        return torch.stack([(tgt != PAD).sum() + eos, tgt.new_tensor(tgt.size(0))]).float()
 
     def length_loss(self, enc, lengths):
         """Label-smoothed cross-entropy of the true target lengths (batch,) under the length classifier."""
@@ -443,6 +453,31 @@ def pick_device(name=None):
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+class LinesWhenRedirected:
+    """A progress bar's output for a file or pipe: each redraw becomes one line, and the blank redraws
+    (clearing the bar) none, so a log holds a line per interval instead of carriage-return frames."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(iterable=None, **options):
+    """A tqdm bar that redraws a terminal at most 10 times a second; where standard error is not a
+    terminal (a log on a server), one line every 60 seconds."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, leave=False, dynamic_ncols=True, **options)
+    return tqdm(iterable, leave=False, file=LinesWhenRedirected(sys.stderr), mininterval=60,
+                maxinterval=120, ncols=100, **options)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")

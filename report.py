@@ -21,14 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import decode
 from data import Corpus, collate, make_batches, pad_batch, remove_bpe, write_text_atomic
-from decode import (NBest, ar_beam_search, bleu, decoders, ids_to_text, score_pairs,
-                    translate_ids)
+from decode import NBest, bleu, decoders, ids_to_text, score_pairs, translate_ids
 from model import (EOS, PAD, build_model, count_parameters, model_config, precision_context,
-                   synchronize)
+                   progress_bar, synchronize)
 from train import TrainConfig, forward_backward, make_optimizer, optimizer_step
 
 
@@ -473,7 +471,7 @@ def training_throughput(kind, preset, vocab_size, pairs, batches, cfg: TrainConf
     model = build_model(model_config(preset, vocab_size, kind), cfg.device).train()
     optimizer = make_optimizer(model, cfg)
     tokens, seconds = 0, 0.0
-    for i, batch in enumerate(tqdm(batches[:steps + 3], desc=f"train {kind}", leave=False)):
+    for i, batch in enumerate(progress_bar(batches[:steps + 3], desc=f"train {kind}")):
         start = time.perf_counter()
         src, tgt = collate([pairs[j] for j in batch], cfg.device)
         _, n = forward_backward(model, src, tgt, cfg, f"benchmark {kind}")
@@ -494,13 +492,14 @@ def nbest_throughput(preset, vocab_size, pairs, n, max_tokens, device, precision
     ar = build_model(model_config(preset, vocab_size, "ar", dropout=0.0), device).eval()
     with torch.no_grad():
         ar.out_bias[EOS] = -1e4
+    beam_search = decoders(device)[1]                                   # the E-step's decoder
     start = time.perf_counter()
-    for batch in tqdm(make_batches([len(s) for s, _ in pairs], max(max_tokens * 4 // n, 1)),
-                      desc="N-best", leave=False):
+    for batch in progress_bar(make_batches([len(s) for s, _ in pairs], max(max_tokens * 4 // n, 1)),
+                              desc="N-best"):
         src = pad_batch([pairs[j][0] for j in batch], device)
         out_len = torch.tensor([len(pairs[j][1]) for j in batch], device=device)
         with torch.no_grad(), precision_context(device, precision):
-            ar_beam_search(ar, src, beam=n, nbest=n, max_len=out_len)
+            beam_search(ar, src, beam=n, nbest=n, max_len=out_len)
     synchronize(device)
     return len(pairs) / (time.perf_counter() - start)
 
