@@ -349,7 +349,22 @@ def decode_lengths(model, src, enc, keep, len_logp, cand_len, odd, rescorer, alp
 FAST_PATH_DEVICES = ("cuda",)
 BUCKET = 8                    # source lengths and decoding steps are rounded up to a multiple of it
 GRAPH_WARMUP = 2              # eager runs before a graph is recorded (lazy initialisation, autotuning)
-MAX_SESSIONS = 32             # buffer sets (one per shape bucket) kept per model
+MAX_SESSIONS = 4              # buffer sets (one per shape) kept per model: batches come sorted by
+                              # length, so the same shape repeats in a row
+
+
+# Token budget of a decoding batch (rows x source tokens, as decode_corpus counts) per token of a
+# training batch. On the CPU the work grows with the batch and 4x the training budget is what em-nat
+# has always used. On a GPU a decoding step costs about the same for one row as for thousands
+# (launch-bound), so fewer, larger batches pay: the E-step's 20-best of the embedded task's 6,000
+# sources takes 89 batches at 4x and about 11 at 32x.
+DECODE_BUDGET = {"cuda": 32}
+DECODE_BUDGET_ELSEWHERE = 4
+
+
+def default_decode_tokens(device, max_tokens):
+    """The decoding batches' token budget for a device and a training budget max_tokens."""
+    return max_tokens * DECODE_BUDGET.get(torch.device(device).type, DECODE_BUDGET_ELSEWHERE)
 
 
 def use_fast_path(device):
@@ -421,6 +436,7 @@ class GreedySession:
         self.token = torch.full((rows,), BOS, dtype=torch.long, device=device)
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
         self.out = torch.full((rows, steps), PAD, dtype=torch.long, device=device)
+        self.live = torch.ones((), dtype=torch.bool, device=device)     # any row not finished?
         self.start, self.step = Graphed(self.encode, device), Graphed(self.decode_step, device)
 
     def encode(self):
@@ -442,9 +458,10 @@ class GreedySession:
         self.finished |= token == EOS
         self.token.copy_(token)
         self.at += 1
+        self.live.copy_(~self.finished.all())                            # read by searching()
 
     def searching(self):
-        return not bool(self.finished.all())                             # host sync
+        return bool(self.live)                                           # host sync
 
 
 class BeamSession:
@@ -469,6 +486,7 @@ class BeamSession:
         self.fin_tokens = torch.full((rows, k, steps), PAD, dtype=torch.long, device=device)
         self.fin_scores = torch.full((rows, k), NEG_INF, device=device)
         self.sentence_rows = torch.arange(rows, device=device)[:, None] * k          # (rows, 1)
+        self.live = torch.ones((), dtype=torch.bool, device=device)     # any sentence searching?
         self.start, self.step = Graphed(self.encode, device), Graphed(self.decode_step, device)
 
     def encode(self):
@@ -511,9 +529,10 @@ class BeamSession:
         self.fin_scores.copy_(fin_scores)
         self.kv.copy_(self.kv.index_select(2, rows))                     # every layer's cache rows
         self.at += 1
+        self.live.copy_((self.scores[:, 0] > NEG_INF).any())             # read by searching()
 
     def searching(self):
-        return bool((self.scores[:, 0] > NEG_INF).any())                 # host sync
+        return bool(self.live)                                           # host sync
 
 
 class NarSession:
@@ -634,6 +653,12 @@ def decoders(device):
     return DECODERS_FAST if use_fast_path(device) else (ar_greedy, ar_beam_search, nar_decode)
 
 
+def release_fast_path(model):
+    """Free the fast path's buffers and graphs of a model (they hold GPU memory)."""
+    if getattr(model, "fast_decoder", None) is not None:
+        model.fast_decoder.sessions.clear()
+
+
 def fast_decoder(model):
     """The model's FastDecoder (made at the first call, kept on the model)."""
     if getattr(model, "fast_decoder", None) is None:
@@ -678,6 +703,7 @@ def decode_corpus(model, sources, decode_batch, rows_per_source, max_tokens, dev
     batches = make_batches([len(s) for s in sources], max(max_tokens // rows_per_source, 1))
     results = [None] * len(sources)
     model.eval()
+    release_fast_path(model)          # buffers of earlier shapes: the memory goes to this corpus
     bar = progress_bar(total=len(sources), desc=desc, disable=not progress)
     with precision_context(device, precision):
         for batch in batches:
@@ -686,6 +712,7 @@ def decode_corpus(model, sources, decode_batch, rows_per_source, max_tokens, dev
                 results[i] = out
             bar.update(len(batch))
     bar.close()
+    release_fast_path(model)
     return results
 
 

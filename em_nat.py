@@ -41,7 +41,7 @@ import torch
 import report
 from data import (TASKS, BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, read_lines,
                   write_text_atomic)
-from decode import (HelpFormatter, NBest, ids_to_text, nbest, score_pairs, sentence_bleu,
+from decode import (HelpFormatter, NBest, default_decode_tokens, ids_to_text, nbest, score_pairs, sentence_bleu,
                     translate_ids)
 from model import (PRECISIONS, PRESETS, UNK, CheckpointError, build_model, keep_freed_memory_on_cpu,
                    load_checkpoint, model_config, resolve_precision)
@@ -335,7 +335,7 @@ class Run:
         self.cfg, self.em, self.dir = cfg, cfg.em, cfg.out
         self.device, self.precision = cfg.train.device, cfg.train.precision
         self.max_len = cfg.data.max_len or model_config(cfg.preset, 0, "ar").max_len
-        self.decode_tokens = cfg.train.max_tokens * 4
+        self.decode_tokens = default_decode_tokens(self.device, cfg.train.max_tokens)
         os.makedirs(self.dir, exist_ok=True)
         # under torchrun rank 0 first learns the BPE and writes run.json; the other processes then
         # read them
