@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from data import BPE, DataError, Vocab, make_batches, pad_batch, read_lines, remove_bpe
-from model import (ACTIVE_COUNTERS, BOS, EOS, PAD, UNK, CheckpointError, Counts, Transformer,
-                   additive_mask, keep_freed_memory_on_cpu, load_checkpoint, model_config, pick_device, precision_context, progress_bar, resolve_precision, synchronize)
+from model import (ACTIVE_COUNTERS, ATTENTION_BACKENDS, BOS, EOS, PAD, UNK, CheckpointError, Counts, Transformer,
+                   additive_mask, attention_backend, keep_freed_memory_on_cpu, load_checkpoint, model_config, pick_device, precision_context, progress_bar, resolve_precision, synchronize)
 
 EARLY_STOP_EVERY = 4          # beam steps between "are all beams finished?" host checks
 OUTPUT_RATIO, OUTPUT_EXTRA = 1, 20      # an AR output holds at most |x| + 20 tokens, as in the official code
@@ -964,10 +964,10 @@ def benchmark(args, device):
     src = torch.randint(4, vocab_size, (n, src_len), device=device)
     fixed = torch.full((n,), tgt_len, device=device)     # AR: tgt_len tokens, then the forced <eos>
     print(f"benchmark: preset {args.preset}, random weights, device {device} ({args.precision}), "
-          f"{n} sentences, {src_len} source -> {tgt_len} target tokens, "
+          f"attention {args.attention}, {n} sentences, {src_len} source -> {tgt_len} target tokens, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     table = []
-    with precision_context(device, args.precision):
+    with precision_context(device, args.precision), attention_backend(args.attention):
         for batch_size in (1, args.batch_size):
             times = {}
             for path, (greedy, beam_search, nar_pass) in (("reference", decoders("cpu")),
@@ -1058,6 +1058,8 @@ def build_parser():
     b.add_argument("--src-len", type=int, default=25, help="source length in tokens")
     b.add_argument("--tgt-len", type=int, default=25, help="output length in tokens")
     b.add_argument("--batch-size", type=int, default=64, help="the large batch size timed besides 1")
+    b.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
+                   help="the attention kernel to time (auto: PyTorch's choice per call)")
     return p
 
 

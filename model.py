@@ -480,6 +480,22 @@ def progress_bar(iterable=None, **options):
                 maxinterval=120, ncols=100, **options)
 
 
+# Attention kernels (F.scaled_dot_product_attention's backends). "auto" is PyTorch's choice per call;
+# the GPU check (docs/reproducing.md) times each one on em-nat's shapes, so that a default is chosen
+# by measurement. "flash" takes no mask: only the AR decoder's causal self-attention can use it.
+ATTENTION_BACKENDS = ("auto", "math", "efficient", "cudnn", "flash")
+
+
+def attention_backend(name):
+    """A context in which attention runs on one backend of ATTENTION_BACKENDS."""
+    if name == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel          # torch >= 2.3
+    backends = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    return sdpa_kernel(backends[name])
+
+
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
