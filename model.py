@@ -2,25 +2,26 @@
 
 One compact encoder-decoder Transformer with two kinds of decoder:
 
-- kind "ar":  p_AR(y|x)  = prod_t p(y_t | y_<t, x)         causal self-attention, teacher forcing for
-              training, a key/value cache for step-by-step decoding (decode.py's beam search).
-- kind "nar": p_NAR(y|x) = p(T|x) * prod_t p(y_t | x, T)   no causal mask, no target tokens as input:
-              the decoder sees only position embeddings over a placeholder (zero) input, and a length
-              classifier on the encoder predicts T.
+- kind "ar":  p_AR(y|x)  = prod_t p(y_t | y_<t, x)         causal self-attention, teacher forcing
+              for training, a key/value cache for step-by-step decoding (decode.py's beam search).
+- kind "nar": p_NAR(y|x) = p(T|x) * prod_t p(y_t | x, T)   no causal mask, no target tokens as
+              input: the decoder sees only position embeddings over a placeholder (zero) input, and
+              a length classifier on the encoder predicts T.
 
 Both follow the layout of the official code (models/nat_modeling.py):
 - one embedding matrix for source, target and output layer (joint vocabulary) plus an output bias;
 - learned position embeddings, scaled like the token embeddings;
-- the source is shifted right by one slot: slot 0 holds no token (a zero vector plus its position) and
-  acts as a summary slot, from which the NAR model predicts the target length;
+- the source is shifted right by one slot: slot 0 holds no token (a zero vector plus its position)
+  and acts as a summary slot, from which the NAR model predicts the target length;
 - post-layer-norm blocks; the NAR decoder has one layer more than configured;
-- loss = label-smoothed token cross-entropy averaged over target tokens (+ 0.1 x length loss for NAR).
-Where they depart from it (docs/method.md, "Where em-nat departs from the official code"): dropout only on the
-embeddings and on each sub-layer's output (none on attention weights or the ReLU output); separate
-position tables for encoder and decoder; no LayerNorm on the embeddings; no source-language bias; and
-NAR targets carry no <EOS>: the official code puts <EOS> at the last decoder input slot and predicts it
-there, which teaches nothing the padding mask does not already say; here the length class T is simply
-the number of target tokens.
+- loss = label-smoothed token cross-entropy averaged over target tokens (+ 0.1 x length loss for
+  NAR).
+Where they depart from it (docs/method.md, "Where em-nat departs from the official code"): dropout
+only on the embeddings and on each sub-layer's output (none on attention weights or the ReLU
+output); separate position tables for encoder and decoder; no LayerNorm on the embeddings; no
+source-language bias; and NAR targets carry no <EOS>: the official code puts <EOS> at the last
+decoder input slot and predicts it there, which teaches nothing the padding mask does not already
+say; here the length class T is simply the number of target tokens.
 
 Run `python -m pytest tests/test_model.py` to see the properties this file promises.
 """
@@ -42,8 +43,9 @@ from tqdm import tqdm
 # Special token ids, in the official code's order.
 PAD, EOS, UNK, BOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<eos>", "<unk>", "<bos>"]
-# Tokens a decoder never emits as text. The AR model may emit <eos> (it ends the output); the NAR model
-# may not (its length is chosen by the length classifier). Scoring a *given* target masks nothing.
+# Tokens a decoder never emits as text. The AR model may emit <eos> (it ends the output); the NAR
+# model may not (its length is chosen by the length classifier). Scoring a *given* target masks
+# nothing.
 NEVER_EMITTED = {"ar": (PAD, BOS, UNK), "nar": (PAD, EOS, BOS, UNK)}
 
 
@@ -68,10 +70,14 @@ class ModelConfig:
 # Named sizes. "iwslt" is the paper's IWSLT14 model (transformer_small); dropout 0.3 is the usual
 # IWSLT14 value (fairseq's transformer_iwslt_de_en), as the paper does not state one.
 PRESETS = {
-    "toy": dict(d_model=64, n_heads=4, d_ff=256, enc_layers=2, dec_layers=2, dropout=0.1, max_len=64),
-    "small": dict(d_model=256, n_heads=4, d_ff=1024, enc_layers=3, dec_layers=3, dropout=0.2, max_len=128),
-    "iwslt": dict(d_model=256, n_heads=4, d_ff=1024, enc_layers=5, dec_layers=5, dropout=0.3, max_len=256),
-    "base": dict(d_model=512, n_heads=8, d_ff=2048, enc_layers=6, dec_layers=6, dropout=0.1, max_len=256),
+    "toy": dict(d_model=64, n_heads=4, d_ff=256, enc_layers=2, dec_layers=2, dropout=0.1,
+                max_len=64),
+    "small": dict(d_model=256, n_heads=4, d_ff=1024, enc_layers=3, dec_layers=3, dropout=0.2,
+                  max_len=128),
+    "iwslt": dict(d_model=256, n_heads=4, d_ff=1024, enc_layers=5, dec_layers=5, dropout=0.3,
+                  max_len=256),
+    "base": dict(d_model=512, n_heads=8, d_ff=2048, enc_layers=6, dec_layers=6, dropout=0.1,
+                 max_len=256),
 }
 
 
@@ -104,7 +110,8 @@ class Attention(nn.Module):
         """x: (batch, q_len, d) queries; memory: (batch, k_len, d) keys/values source.
         mask: bool, broadcastable to (batch, heads, q_len, k_len), True = may attend.
         cache: dict holding this layer's "k"/"v"; self-attention appends the new step to it,
-        cross-attention (cache_is_static) computes the encoder's keys/values once and reuses them."""
+        cross-attention (cache_is_static) computes the encoder's keys/values once and reuses
+        them."""
         q = self.split_heads(self.q_proj(x))                      # (rows, heads, q_len, d_head)
         if cache is not None and cache_is_static and "k" in cache:
             k, v = cache["k"], cache["v"]
@@ -128,10 +135,12 @@ class Attention(nn.Module):
             # Beam search: the `group` hypotheses of one sentence (consecutive rows) attend to that
             # sentence's encoder keys/values, held once: their queries are stacked along q_len.
             group = rows // k.size(0)
-            q = q.view(k.size(0), group, h, t, dh).transpose(1, 2).reshape(k.size(0), h, group * t, dh)
+            q = q.view(k.size(0), group, h, t, dh).transpose(1, 2).reshape(
+                k.size(0), h, group * t, dh)
         # With a cache the single query may see every cached step: no causal mask needed (and SDPA's
         # is_causal would wrongly align the query with key 0).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and cache is None)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             is_causal=causal and cache is None)
         if k.size(0) != rows:
             out = out.view(k.size(0), h, group, t, dh).transpose(1, 2).reshape(rows, h, t, dh)
         return self.out_proj(out.transpose(1, 2).reshape(rows, t, h * dh))
@@ -171,8 +180,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x, enc, enc_mask, self_mask=None, causal=False, cache=None):
         self_cache = cache["self"] if cache is not None else None
         cross_cache = cache["cross"] if cache is not None else None
-        x = self.norm1(x + self.drop(self.self_attn(x, x, self_mask, causal=causal, cache=self_cache)))
-        x = self.norm2(x + self.drop(self.cross_attn(x, enc, enc_mask, cache=cross_cache, cache_is_static=True)))
+        x = self.norm1(x + self.drop(self.self_attn(x, x, self_mask, causal=causal,
+                                                    cache=self_cache)))
+        x = self.norm2(x + self.drop(self.cross_attn(x, enc, enc_mask, cache=cross_cache,
+                                                     cache_is_static=True)))
         return self.norm3(x + self.drop(self.ffn(x)))
 
 
@@ -208,13 +219,15 @@ class Transformer(nn.Module):
         n_dec = cfg.dec_layers + (1 if cfg.kind == "nar" else 0)
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(n_dec))
         self.drop = nn.Dropout(cfg.dropout)
-        # Additive mask over the vocabulary (0 or -inf) for decoding: a buffer on the model's device, so
-        # masking is one addition with no host-to-device copy per step. Not saved in checkpoints.
+        # Additive mask over the vocabulary (0 or -inf) for decoding: a buffer on the model's
+        # device, so masking is one addition with no host-to-device copy per step. Not saved in
+        # checkpoints.
         banned = torch.zeros(cfg.vocab_size)
         banned[[i for i in NEVER_EMITTED[cfg.kind] if i < cfg.vocab_size]] = float("-inf")
         self.register_buffer("banned", banned, persistent=False)
         if cfg.kind == "nar":
-            # Length classes 0..max_len; logits = W h_0 from the summary slot (official nat_modeling.py).
+            # Length classes 0..max_len; logits = W h_0 from the summary slot (official
+            # nat_modeling.py).
             self.length_head = nn.Linear(d, cfg.max_len + 1, bias=False)
         for emb in (self.embed, self.src_pos, self.tgt_pos):
             nn.init.normal_(emb.weight, std=d ** -0.5)               # x sqrt(d) below: unit scale
@@ -224,9 +237,11 @@ class Transformer(nn.Module):
         return self.embed(tokens) * math.sqrt(self.cfg.d_model)
 
     def output_logits(self, h, banned=False):
-        """(batch, len, d) -> (batch, len, vocab), tied to the embedding. banned=True: the tokens this
-        kind never emits get -inf, folded into the bias (a (vocab,) addition, not a (rows, vocab) one)."""
-        return F.linear(h, self.embed.weight, self.out_bias + self.banned if banned else self.out_bias)
+        """(batch, len, d) -> (batch, len, vocab), tied to the embedding. banned=True: the tokens
+        this kind never emits get -inf, folded into the bias (a (vocab,) addition, not a
+        (rows, vocab) one)."""
+        return F.linear(h, self.embed.weight,
+                        self.out_bias + self.banned if banned else self.out_bias)
 
     def decoding_log_probs(self, logits):
         """Log-probabilities that decoders search over: the special tokens this kind never emits are
@@ -235,18 +250,20 @@ class Transformer(nn.Module):
 
     def scoring_log_probs(self, h):
         """Log-probabilities for scoring given targets (E-step selection, NPD rescoring): the output
-        layer and log-softmax in float32 even under bf16 autocast (bf16 logits shift a sentence's score
-        by ~0.1 nats, enough to flip a selection), and no token masked, so a target that holds <unk>
-        gets its real probability. h: (..., d) -> float32 (..., vocab)."""
+        layer and log-softmax in float32 even under bf16 autocast (bf16 logits shift a sentence's
+        score by ~0.1 nats, enough to flip a selection), and no token masked, so a target that holds
+        <unk> gets its real probability. h: (..., d) -> float32 (..., vocab)."""
         with full_precision(h.device.type):
-            return F.linear(h.float(), self.embed.weight.float(), self.out_bias.float()).log_softmax(-1)
+            return F.linear(h.float(), self.embed.weight.float(),
+                            self.out_bias.float()).log_softmax(-1)
 
     def encode(self, src):
         """src: (batch, src_len) token ids, right-padded with PAD.
         Returns enc (batch, src_len + 1, d) and its key mask (batch, src_len + 1), slot 0 first."""
         b, s = src.shape
         if s + 1 > self.src_pos.num_embeddings:
-            raise ValueError(f"source of {s} tokens is longer than the model's max_len {self.cfg.max_len}")
+            raise ValueError(f"source of {s} tokens is longer than the model's max_len "
+                             f"{self.cfg.max_len}")
         tokens = self.embed_scaled(src)                                     # (batch, src_len, d)
         x = torch.cat([tokens.new_zeros(b, 1, self.cfg.d_model), tokens], dim=1)
         pos = torch.arange(s + 1, device=src.device)
@@ -270,7 +287,8 @@ class Transformer(nn.Module):
         return self.output_logits(self.ar_states(dec_in, enc, enc_keep))
 
     def ar_states(self, dec_in, enc, enc_keep):
-        """The decoder's last hidden states of a teacher-forced pass: (batch, t) -> (batch, t, d)."""
+        """The decoder's last hidden states of a teacher-forced pass: (batch, t) ->
+        (batch, t, d)."""
         t = dec_in.size(1)
         pos = torch.arange(t, device=dec_in.device)
         x = self.drop(self.embed_scaled(dec_in) + self.tgt_pos(pos) * math.sqrt(self.cfg.d_model))
@@ -285,10 +303,10 @@ class Transformer(nn.Module):
         return [{"self": {}, "cross": {}} for _ in self.decoder]
 
     def ar_step(self, token, step, enc, enc_keep, cache):
-        """One decoding step. token: (rows,) last output; step: its position (int). enc, enc_keep may hold
-        one row per sentence for several consecutive hypothesis rows each (beam search).
-        Returns logits (rows, vocab) for the next token, never-emitted tokens at -inf; `cache` grows by
-        one step."""
+        """One decoding step. token: (rows,) last output; step: its position (int). enc, enc_keep
+        may hold one row per sentence for several consecutive hypothesis rows each (beam search).
+        Returns logits (rows, vocab) for the next token, never-emitted tokens at -inf; `cache` grows
+        by one step."""
         # >>> exercise 3: the cached AR decoding step
         pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)
         x = self.embed_scaled(token[:, None]) + pos                      # (batch, 1, d)
@@ -301,10 +319,10 @@ class Transformer(nn.Module):
     def new_fixed_cache(self, rows, steps, cross, at, visible):
         """A key/value cache of fixed size for decode.py's fast path: every decoder layer's
         self-attention keys and values of `rows` hypotheses for `steps` positions, preallocated in
-        one tensor (layers, 2, rows, heads, steps, d_head), and each layer's cross-attention keys and
-        values `cross` (a list of (k, v), computed once per batch). at: (1,) long, the step being
-        decoded; visible: (1, 1, 1, steps) bool, the positions written so far (the caller updates
-        both). ar_step reads and writes it like the growing cache of new_cache. Returns (the
+        one tensor (layers, 2, rows, heads, steps, d_head), and each layer's cross-attention keys
+        and values `cross` (a list of (k, v), computed once per batch). at: (1,) long, the step
+        being decoded; visible: (1, 1, 1, steps) bool, the positions written so far (the caller
+        updates both). ar_step reads and writes it like the growing cache of new_cache. Returns (the
         per-layer cache, the whole self-attention tensor)."""
         k0 = cross[0][0]
         h, d_head = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
@@ -320,8 +338,9 @@ class Transformer(nn.Module):
     @staticmethod
     def reorder_cache(cache, index):
         """Beam search: keep the self-attention cache rows of the surviving hypotheses.
-        index: (batch * beam,) rows to keep. Cross-attention caches are identical across the beams of
-        one sentence and a beam only ever inherits from its own sentence, so they stay as they are."""
+        index: (batch * beam,) rows to keep. Cross-attention caches are identical across the beams
+        of one sentence and a beam only ever inherits from its own sentence, so they stay as they
+        are."""
         for layer_cache in cache:
             for key in ("k", "v"):
                 layer_cache["self"][key] = layer_cache["self"][key].index_select(0, index)
@@ -329,7 +348,8 @@ class Transformer(nn.Module):
     @staticmethod
     def shrink_cache(cache, hypotheses, sentences):
         """Beam search: keep only the self-attention rows `hypotheses` and the cross-attention rows
-        `sentences` (one per sentence) of every layer: drops the sentences whose search has ended."""
+        `sentences` (one per sentence) of every layer: drops the sentences whose search has
+        ended."""
         for layer_cache in cache:
             for part, rows in (("self", hypotheses), ("cross", sentences)):
                 for key in ("k", "v"):
@@ -374,17 +394,20 @@ class Transformer(nn.Module):
             dec_in, dec_out = self.ar_inputs_outputs(tgt)
             logits = self.ar_logits(dec_in, enc, enc_keep)                # (batch, t+1, vocab)
             n_tokens = (dec_out != PAD).sum()
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), dec_out.flatten(), ignore_index=PAD,
-                                   label_smoothing=eps, reduction="sum")
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), dec_out.flatten(),
+                                   ignore_index=PAD, label_smoothing=eps, reduction="sum")
             return loss / (n_tokens if normalizers is None else normalizers[0]), n_tokens
         lengths = (tgt != PAD).sum(1)                                     # (batch,)
-        logits = self.nar_logits(lengths, enc, enc_keep, max_tgt_len=tgt.size(1))  # (batch, t, vocab)
+        # (batch, t, vocab)
+        logits = self.nar_logits(lengths, enc, enc_keep, max_tgt_len=tgt.size(1))
         n_tokens = lengths.sum()
         token_loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=PAD,
                                      label_smoothing=eps, reduction="sum")
         if normalizers is None:
-            return token_loss / n_tokens + self.cfg.length_loss_weight * self.length_loss(enc, lengths), n_tokens
-        length_loss = self.length_loss(enc, lengths) * lengths.size(0) / normalizers[1]    # mean -> sum -> share
+            return (token_loss / n_tokens
+                    + self.cfg.length_loss_weight * self.length_loss(enc, lengths)), n_tokens
+        # mean -> sum -> share
+        length_loss = self.length_loss(enc, lengths) * lengths.size(0) / normalizers[1]
         return token_loss / normalizers[0] + self.cfg.length_loss_weight * length_loss, n_tokens
 
     def target_counts(self, tgt):
@@ -394,43 +417,51 @@ class Transformer(nn.Module):
         return torch.stack([(tgt != PAD).sum() + eos, tgt.new_tensor(tgt.size(0))]).float()
 
     def length_loss(self, enc, lengths):
-        """Label-smoothed cross-entropy of the true target lengths (batch,) under the length classifier."""
+        """Label-smoothed cross-entropy of the true target lengths (batch,) under the length
+        classifier."""
         # >>> exercise 1: the length classifier and its loss
-        return F.cross_entropy(self.length_logits(enc).float(), lengths, label_smoothing=self.cfg.label_smoothing)
+        return F.cross_entropy(self.length_logits(enc).float(), lengths,
+                               label_smoothing=self.cfg.label_smoothing)
         # <<< exercise 1
 
     @torch.no_grad()
     def score(self, src, tgt):
-        """Sentence log-likelihoods (batch,) of given targets, no label smoothing, summed over tokens,
-        output layer in float32, no token masked (scoring_log_probs).
+        """Sentence log-likelihoods (batch,) of given targets, no label smoothing, summed over
+        tokens, output layer in float32, no token masked (scoring_log_probs).
         AR:  log p(y <eos> | x)                        (NPD rescoring of NAR candidates)
-        NAR: log p(T|x) + sum_t log p(y_t | x, T)      (the E-step's selection score, as the official
-             score_nat.py computes it: the length term included, not length-normalised)."""
+        NAR: log p(T|x) + sum_t log p(y_t | x, T)      (the E-step's selection score, as the
+             official score_nat.py computes it: the length term included, not
+             length-normalised)."""
         enc, enc_keep = self.encode(src)
         if self.cfg.kind == "ar":
             dec_in, dec_out = self.ar_inputs_outputs(tgt)
-            logp = self.scoring_log_probs(self.ar_states(dec_in, enc, enc_keep))   # (batch, t+1, vocab)
+            # (batch, t+1, vocab)
+            logp = self.scoring_log_probs(self.ar_states(dec_in, enc, enc_keep))
             tok = logp.gather(-1, dec_out[..., None]).squeeze(-1)                   # (batch, t+1)
             return tok.masked_fill(dec_out == PAD, 0.0).sum(1)
         lengths = (tgt != PAD).sum(1)
-        logp = self.scoring_log_probs(self.nar_states(lengths, enc, enc_keep, max_tgt_len=tgt.size(1)))
+        logp = self.scoring_log_probs(self.nar_states(lengths, enc, enc_keep,
+                                                      max_tgt_len=tgt.size(1)))
         with full_precision(enc.device.type):
             len_logp = self.length_logits(enc.float()).float().log_softmax(-1)  # (batch, max_len+1)
         # >>> exercise 7: the E-step's selection
-        tok = logp.gather(-1, tgt[..., None]).squeeze(-1).masked_fill(tgt == PAD, 0.0)  # (batch, t)
+        # (batch, t)
+        tok = logp.gather(-1, tgt[..., None]).squeeze(-1).masked_fill(tgt == PAD, 0.0)
         return len_logp.gather(1, lengths[:, None]).squeeze(1) + tok.sum(1)
         # <<< exercise 7
 
 
 def keep_freed_memory_on_cpu():
-    """CPU speed: glibc hands large freed blocks (the (tokens, vocab) logits are ~100 MB) back to the OS
-    and page-faults them in again at the next step; raising its mmap and trim thresholds keeps them in
-    the heap for reuse (+15% training throughput and -30% time for batched rescoring, measured on a
-    2-core CPU). No-op without glibc."""
+    """CPU speed: glibc hands large freed blocks (the (tokens, vocab) logits are ~100 MB) back to
+    the OS and page-faults them in again at the next step; raising its mmap and trim thresholds
+    keeps them in the heap for reuse (+15% training throughput and -30% time for batched
+    rescoring, measured on a 2-core CPU). No-op without glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)                 # M_MMAP_THRESHOLD: serve large blocks from the heap
-        libc.mallopt(-1, 1 << 31)                 # M_TRIM_THRESHOLD: keep freed heap memory
+        # M_MMAP_THRESHOLD: serve large blocks from the heap
+        libc.mallopt(-3, 1 << 30)
+        # M_TRIM_THRESHOLD: keep freed heap memory
+        libc.mallopt(-1, 1 << 31)
     except (OSError, AttributeError):
         pass
 
@@ -456,8 +487,9 @@ def pick_device(name=None):
 
 
 class LinesWhenRedirected:
-    """A progress bar's output for a file or pipe: each redraw becomes one line, and the blank redraws
-    (clearing the bar) none, so a log holds a line per interval instead of carriage-return frames."""
+    """A progress bar's output for a file or pipe: each redraw becomes one line, and the blank
+    redraws (clearing the bar) none, so a log holds a line per interval instead of carriage-return
+    frames."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -480,9 +512,10 @@ def progress_bar(iterable=None, **options):
                 maxinterval=120, ncols=100, **options)
 
 
-# Attention kernels (F.scaled_dot_product_attention's backends). "auto" is PyTorch's choice per call;
-# the GPU check (docs/reproducing.md) times each one on em-nat's shapes, so that a default is chosen
-# by measurement. "flash" takes no mask: only the AR decoder's causal self-attention can use it.
+# Attention kernels (F.scaled_dot_product_attention's backends). "auto" is PyTorch's choice per
+# call; the GPU check (docs/reproducing.md) times each one on em-nat's shapes, so that a default is
+# chosen by measurement. "flash" takes no mask: only the AR decoder's causal self-attention can use
+# it.
 ATTENTION_BACKENDS = ("auto", "math", "efficient", "cudnn", "flash")
 
 
@@ -501,8 +534,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 def resolve_precision(precision, device):
     """The precision a run computes in: "auto" is bf16 autocast on a CUDA GPU that has native bf16
-    (compute capability 8.0 and up: A100, H100, RTX 30xx and later), else fp32. Older GPUs (V100, T4)
-    would emulate bf16 slowly or refuse it; CPU bf16 is slow; MPS support varies by version."""
+    (compute capability 8.0 and up: A100, H100, RTX 30xx and later), else fp32. Older GPUs (V100,
+    T4) would emulate bf16 slowly or refuse it; CPU bf16 is slow; MPS support varies by version."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     device = torch.device(device)
@@ -510,7 +543,8 @@ def resolve_precision(precision, device):
         native = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
         return "bf16" if native else "fp32"
     if precision == "bf16" and device.type != "cuda":
-        raise ValueError(f"--precision bf16 needs a CUDA device (this run is on {device.type}); use fp32")
+        raise ValueError(f"--precision bf16 needs a CUDA device (this run is on {device.type}); "
+                         f"use fp32")
     return precision
 
 
@@ -523,8 +557,9 @@ def precision_context(device, precision):
 
 
 def full_precision(device_type):
-    """Switch bf16 autocast off inside a region (scores in float32). Only CUDA and CPU autocast exist in
-    every torch version em-nat supports; elsewhere (MPS) em-nat never autocasts: nothing to switch off."""
+    """Switch bf16 autocast off inside a region (scores in float32). Only CUDA and CPU autocast
+    exist in every torch version em-nat supports; elsewhere (MPS) em-nat never autocasts: nothing to
+    switch off."""
     if device_type in ("cuda", "cpu"):
         return torch.autocast(device_type=device_type, enabled=False)
     return nullcontext()
@@ -538,12 +573,12 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
-# ----- counting what sets the speed on a GPU: kernel launches and host syncs ------------------------
-# On a GPU em-nat is rarely limited by arithmetic: every PyTorch operation that computes something is
-# one kernel launch (tens of microseconds of host time), and every host sync (the host waits for the
-# device to hand a value back: .item(), int(t), bool(t), .tolist(), .cpu(), nonzero) drains the
-# device's queue. Both can be counted on any device, the CPU included, with a TorchDispatchMode, which
-# sees every ATen operation a piece of code runs:
+# ----- counting what sets the speed on a GPU: kernel launches and host syncs ---------------------
+# On a GPU em-nat is rarely limited by arithmetic: every PyTorch operation that computes something
+# is one kernel launch (tens of microseconds of host time), and every host sync (the host waits for
+# the device to hand a value back: .item(), int(t), bool(t), .tolist(), .cpu(), nonzero) drains the
+# device's queue. Both can be counted on any device, the CPU included, with a TorchDispatchMode,
+# which sees every ATen operation a piece of code runs:
 #
 #     with Counts() as counts:
 #         ar_greedy(model, src)
@@ -559,9 +594,10 @@ SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_uniqu
 # Tensor methods that copy to the host without an ATen operation the dispatcher sees.
 HOST_COPIES = ("tolist", "numpy")
 # Metadata-only operations: no kernel.
-NO_KERNEL = {"detach", "alias", "lift_fresh", "_to_copy_noop", "empty", "empty_strided", "empty_like",
-             "new_empty", "new_empty_strided", "set_", "resize_", "_reshape_alias", "sym_size",
-             "sym_stride", "sym_numel", "is_same_size", "_has_compatible_shallow_copy_type"}
+NO_KERNEL = {"detach", "alias", "lift_fresh", "_to_copy_noop", "empty", "empty_strided",
+             "empty_like", "new_empty", "new_empty_strided", "set_", "resize_", "_reshape_alias",
+             "sym_size", "sym_stride", "sym_numel", "is_same_size",
+             "_has_compatible_shallow_copy_type"}
 
 
 class Counts(TorchDispatchMode):
@@ -614,7 +650,7 @@ class Counts(TorchDispatchMode):
 ACTIVE_COUNTERS = []                     # the Counts now counting (decode.Graphed reports to them)
 
 
-# ----- checkpoints: a plain state dict plus config JSON, each written atomically ----------------------
+# ----- checkpoints: a plain state dict plus config JSON, each written atomically -----------------
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, worded as one line saying which file and why."""
 
@@ -635,7 +671,8 @@ def save_checkpoint(model, directory, **meta):
     with open(tmp, "w") as f:
         json.dump(config, f, indent=2)
     os.replace(tmp, os.path.join(directory, "config.json"))
-    save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(directory, "model.pt"))
+    save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                os.path.join(directory, "model.pt"))
 
 
 def read_config(directory):
@@ -646,7 +683,8 @@ def read_config(directory):
         known = {f.name for f in fields(ModelConfig)}
         return ModelConfig(**{k: v for k, v in config["model"].items() if k in known}), config
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; a checkpoint directory holds config.json and model.pt") from None
+        raise CheckpointError(f"{path}: missing; a checkpoint directory holds config.json and "
+                              f"model.pt") from None
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: not an em-nat checkpoint config ({err})") from None
 
@@ -658,14 +696,18 @@ def load_checkpoint(directory, device="cpu"):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; was the run interrupted before this stage finished?") from None
-    except Exception as err:  # torch reports truncation and foreign formats with many exception types
-        raise CheckpointError(f"{path}: unreadable, truncated or not a PyTorch state dict ({type(err).__name__}); "
+        raise CheckpointError(f"{path}: missing; was the run interrupted before this stage "
+                              f"finished?") from None
+    except Exception as err:
+        # torch reports truncation and foreign formats with many exception types
+        raise CheckpointError(f"{path}: unreadable, truncated or not a PyTorch state dict "
+                              f"({type(err).__name__}); "
                               f"delete the directory to retrain this stage") from None
     model = Transformer(cfg)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: weights do not fit the config in config.json ({first})") from None
+        raise CheckpointError(f"{path}: weights do not fit the config in config.json "
+                              f"({first})") from None
     return model.to(device).eval(), config
