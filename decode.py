@@ -18,9 +18,12 @@ docs/method.md).
 - BLEU with sacreBLEU, and a command-line translator and latency benchmark:
 
     python decode.py --checkpoint runs/toy-toy/em2-nar --input source.txt
-    python decode.py --checkpoint runs/toy-toy/em2-nar --rescore-with runs/toy-toy/em2-ar
-        --length-beam 5
+    python decode.py --checkpoint runs/toy-toy/em2-nar --rescore-with runs/toy-toy/em2-ar \
+        --length-beam 9
     python decode.py --benchmark --preset iwslt
+
+- The fast path (on CUDA): the same decoders on fixed-size buffers, each step replayed as a CUDA
+  graph (section "The fast path").
 
 Hot loops (beam steps, Viterbi steps) are tensor work with no host synchronisation, except the beam
 search's "which sentences are done?" test, which runs every EARLY_STOP_EVERY steps.
