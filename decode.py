@@ -18,7 +18,7 @@ docs/method.md).
 - BLEU with sacreBLEU, and a command-line translator and latency benchmark:
 
     python decode.py --checkpoint runs/toy-toy/em2-nar --input source.txt
-    python decode.py --checkpoint runs/toy-toy/em2-nar --rescore-with runs/toy-toy/em2-ar \
+    python decode.py --checkpoint runs/toy-toy/em2-nar --rescore-with runs/toy-toy/em2-ar \\
         --length-beam 9
     python decode.py --benchmark --preset iwslt
 
