@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from data import BPE, DataError, Vocab, make_batches, pad_batch, read_lines, remove_bpe
 from model import (ACTIVE_COUNTERS, ATTENTION_BACKENDS, BOS, EOS, PAD, UNK, CheckpointError, Counts,
                    Transformer, additive_mask, attention_backend, keep_freed_memory_on_cpu,
-                   load_checkpoint, model_config, pick_device, precision_context, progress_bar,
-                   resolve_precision, synchronize)
+                   load_checkpoint, model_config, padding_mask, pick_device, precision_context,
+                   progress_bar, resolve_precision, synchronize)
 
 EARLY_STOP_EVERY = 4          # beam steps between "are all beams finished?" host checks
 # an AR output holds at most |x| + 20 tokens, as in the official code
@@ -358,9 +358,15 @@ def decode_lengths(model, src, enc, keep, len_logp, cand_len, odd, rescorer, alp
     b, beam = cand_len.shape
     flat_len = cand_len.view(-1)
     enc, keep = enc.repeat_interleave(beam, 0), keep.repeat_interleave(beam, 0)
-    # (b*beam, t, vocab)
-    logp = model.decoding_log_probs(model.nar_logits(flat_len, enc, keep, out_len))
-    tokens, token_score = (odd_viterbi if odd else argmax_decode)(logp, flat_len)
+    # ODD and argmax need each position's best tokens, which the logits rank as the
+    # log-probabilities do: the full (rows, t, vocab) log-softmax is never written, only each
+    # position's normaliser, subtracted from the candidates' scores. (b*beam, t, vocab), the
+    # never-emitted tokens at -inf:
+    states = model.nar_states(flat_len, enc, keep, out_len)
+    logits = model.output_logits(states, banned=True).float()
+    tokens, token_score = (odd_viterbi if odd else argmax_decode)(logits, flat_len)
+    real = padding_mask(flat_len, logits.size(1))                          # (b*beam, t)
+    token_score = token_score - logits.logsumexp(-1).masked_fill(~real, 0.0).sum(1)
     if rescorer is not None and beam > 1:
         score = npd_scores(rescorer, src.repeat_interleave(beam, 0), tokens, flat_len, alpha)
     else:
