@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import PAD, SPECIALS, UNK
+from model import PAD, SPECIALS, UNK, write_atomic
 
 
 class DataError(ValueError):
@@ -65,22 +65,12 @@ class Vocab:
         return [self.itos[i] for i in ids]
 
     def save(self, path):
-        write_text_atomic(path, "\n".join(self.itos) + "\n")
+        write_atomic(path, "\n".join(self.itos) + "\n")
 
     @classmethod
     def load(cls, path):
         with open(path, encoding="utf-8") as f:
             return cls(line.rstrip("\n") for line in f)
-
-
-def write_text_atomic(path, text):
-    """Write a text file so that a crash leaves either the old file or the new one, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,7 +207,7 @@ class BPE:
         return [piece for word in tokens for piece in self.encode_word(word)]
 
     def save(self, path):
-        write_text_atomic(path, "".join(f"{a} {b}\n" for a, b in self.merges))
+        write_atomic(path, "".join(f"{a} {b}\n" for a, b in self.merges))
 
     @classmethod
     def load(cls, path):

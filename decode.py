@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import BPE, DataError, Vocab, make_batches, pad_batch, read_lines, remove_bpe
-from model import (EOS, PAD, BOS, UNK, CheckpointError, Transformer, keep_freed_memory_on_cpu, load_checkpoint,
-                   model_config, pick_device, precision_context, resolve_precision, synchronize)
+from model import (EOS, PAD, BOS, UNK, PRECISIONS, PRESETS, CheckpointError, Transformer, check_device,
+                   keep_freed_memory_on_cpu, load_checkpoint, model_config, pick_device, precision_context,
+                   resolve_precision, synchronize)
+from options import HelpFormatter
 
 EARLY_STOP_EVERY = 4          # beam steps between "are all beams finished?" host checks
 OUTPUT_RATIO, OUTPUT_EXTRA = 1, 20      # an AR output holds at most |x| + 20 tokens, as in the official code
@@ -611,14 +613,6 @@ def benchmark(args, device):
     return table
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default except the absent ones (None: those say in words where they come from)
-    and a switch's False; the description and the examples keep their line breaks."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
 def build_parser():
     p = argparse.ArgumentParser(
         description="Translate with an em-nat checkpoint (AR or NAR), or benchmark decoding latency.\n"
@@ -640,11 +634,11 @@ def build_parser():
     p.add_argument("--no-odd", action="store_true", help="NAR: plain argmax instead of ODD decoding")
     p.add_argument("--rescore-with", help="NAR: AR checkpoint directory that rescores the length candidates (NPD)")
     p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on a GPU with native bf16 (compute capability 8.0+), else fp32")
     b = p.add_argument_group("benchmark (random weights; no checkpoint needed)")
     b.add_argument("--benchmark", action="store_true", help="measure AR vs NAR latency and print a table")
-    b.add_argument("--preset", default="iwslt", help="model size to time")
+    b.add_argument("--preset", choices=sorted(PRESETS), default="iwslt", help="model size to time")
     b.add_argument("--sentences", type=int, default=64, help="sentences timed per system and batch size")
     b.add_argument("--src-len", type=int, default=25, help="source length in tokens")
     b.add_argument("--tgt-len", type=int, default=25, help="output length in tokens")
@@ -653,12 +647,13 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    device = pick_device(args.device)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        device = pick_device(check_device(args.device))
         args.precision = resolve_precision(args.precision, device)
     except ValueError as err:
-        sys.exit(f"decode.py: {err}")
+        parser.error(str(err))
     keep_freed_memory_on_cpu()
     if args.benchmark:
         args.alpha = 1.0 if args.alpha is None else args.alpha

@@ -145,8 +145,10 @@ def test_scoring_and_decoding_switch_dropout_off_themselves():
     nar.train()
     run = types.SimpleNamespace(decode_tokens=64, device="cpu", precision="fp32")
     sets = [[t, t[::-1], t[:1]] for _, t in pairs]
-    selected, _ = em_nat.select_by_nar_likelihood(run, nar, [s for s, _ in pairs], sets)
-    assert selected == em_nat.select_by_nar_likelihood(run, nar.eval(), [s for s, _ in pairs], sets)[0]
+    sources = [s for s, _ in pairs]
+    selected, _ = em_nat.best_candidates(sets, em_nat.candidate_nar_scores(run, nar, sources, sets))
+    assert selected == em_nat.best_candidates(
+        sets, em_nat.candidate_nar_scores(run, nar.eval(), sources, sets))[0]
     ar.train()
     first = nbest(ar, [s for s, _ in pairs[:5]], 3, max_tokens=64).lists()
     assert first == nbest(ar, [s for s, _ in pairs[:5]], 3, max_tokens=64).lists()   # no dropout noise

@@ -19,6 +19,12 @@ from model import ModelConfig, Transformer
 torch.set_num_threads(2)
 
 
+def nar_choice(run, nar, sources, sets):
+    """The E-step's selection by the NAR model (exercise 7): in each set, the candidate of highest
+    NAR likelihood; (the selected targets, their scores)."""
+    return em_nat.best_candidates(sets, em_nat.candidate_nar_scores(run, nar, sources, sets))
+
+
 @pytest.mark.exercise(7)
 def test_selection_keeps_the_candidate_with_the_highest_nar_score():
     torch.manual_seed(0)
@@ -31,7 +37,7 @@ def test_selection_keeps_the_candidate_with_the_highest_nar_score():
     candidates = [[[rng.randint(4, 11) for _ in range(rng.randint(1, 7))] for _ in range(5)] for _ in sources]
     candidates[0][2] = []                                      # an empty AR output can never be chosen
     run = types.SimpleNamespace(decode_tokens=64, device="cpu", precision="fp32")
-    selected, scores = em_nat.select_by_nar_likelihood(run, nar, sources, candidates)
+    selected, scores = nar_choice(run, nar, sources, candidates)
     for src, cands, chosen, score in zip(sources, candidates, selected, scores):
         direct = [float(nar.score(torch.tensor([src]), torch.tensor([c]))) if c else float("-inf") for c in cands]
         assert chosen == cands[max(range(len(cands)), key=direct.__getitem__)]
@@ -86,7 +92,7 @@ def test_selection_by_a_stand_in_nar_model(seed):
     sets[2] = [[6, 5, 8], [6, 7, 8], [6, 5, 8, 9, 9, 9, 9, 9, 9, 9, 9]]   # an exact tie: the first; too long
     sets[3] = [[4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]]            # longer than max_len: cannot be scored, kept
     run = types.SimpleNamespace(decode_tokens=24, device="cpu", precision="fp32")    # several batches
-    selected, scores = em_nat.select_by_nar_likelihood(run, nar, sources, sets)
+    selected, scores = nar_choice(run, nar, sources, sets)
     assert selected[2] == [6, 5, 8] and selected[1] == [] and selected[3] == sets[3][0]
     for src, cands, chosen, score in zip(sources, sets, selected, scores):
         direct = [nar.direct(src, c) if len(c) <= 10 else float("-inf") for c in cands]
@@ -123,7 +129,7 @@ def token_log_probs(nar, src, length):
 
 def select(nar, src, candidates):
     run = types.SimpleNamespace(decode_tokens=64, device="cpu", precision="fp32")
-    return em_nat.select_by_nar_likelihood(run, nar, [src], [candidates])[0][0]
+    return nar_choice(run, nar, [src], [candidates])[0][0]
 
 
 @pytest.mark.exercise(7)
@@ -240,12 +246,14 @@ def test_the_loop_with_stand_in_stages(monkeypatch, iterations):
         results = "results"
 
         def stage(self, name, kind, trained_on, make_targets, init_from=None, rescorer=None):
-            calls.append((name, kind, make_targets(), getattr(init_from, "name", None), getattr(rescorer, "name", None)))
+            calls.append((name, kind, make_targets(), getattr(init_from, "name", None),
+                          getattr(rescorer, "name", None)))
             return types.SimpleNamespace(name=name, model=lambda: f"{name} model")
 
+        def e_step(self, stage, ar, nar, i):
+            return f"{stage}: Q of {ar.model()}, chosen by {nar.model()} (iteration {i})"
+
     monkeypatch.setattr(em_nat, "distil", lambda run, ar_model: f"outputs of {ar_model}")
-    monkeypatch.setattr(em_nat, "e_step", lambda run, stage, ar_model, nar_model, i:
-                        f"{stage}: Q of {ar_model}, chosen by {nar_model} (iteration {i})")
     assert em_nat.em_loop(Run()) == "results"
     expected = [("ar", "ar", [[5], [7]], None, None),
                 ("nar-raw", "nar", [[5], [7]], None, "ar"),
@@ -270,7 +278,7 @@ def test_the_loop_runs_in_the_papers_order(tmp_path):
         candidates, scores = nbest_ids(load(proposer), run.train_sources, 4, alpha=1.0, max_tokens=run.decode_tokens)
         assert run.read_ids(str(out / f"em{i}-ar" / "candidates.tgt")) == [c for cs in candidates for c in cs]
         q = [em_nat.quality_constrained_set(c, s, run.em.quality_margin) for c, s in zip(candidates, scores)]
-        chosen, _ = em_nat.select_by_nar_likelihood(run, load(selector), run.train_sources, q)
+        chosen, _ = nar_choice(run, load(selector), run.train_sources, q)
         assert run.read_ids(str(out / f"em{i}-ar" / "train.tgt")) == chosen
         assert run.read_ids(str(out / f"em{i}-nar" / "train.tgt")) == em_nat.distil(run, load(f"em{i}-ar"))
     # The margin study re-selects the first E-step for other margins: at the run's own margin it must

@@ -11,7 +11,8 @@ import em_nat
 import train
 from data import DataError, Vocab
 from decode import load_rescorer, load_translator
-from model import CheckpointError, ModelConfig, Transformer, load_checkpoint, save_atomic, save_checkpoint, SPECIALS
+from model import (SPECIALS, CheckpointError, ModelConfig, Transformer, load_checkpoint,
+                   save_checkpoint, write_atomic)
 from train import TrainConfig, TrainingError, train_model
 
 torch.set_num_threads(2)
@@ -78,16 +79,15 @@ def test_a_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_we
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "model.pt"
-    save_atomic({"w": torch.ones(3)}, str(path))
+    write_atomic(str(path), {"w": torch.ones(3)})
 
     def dying_save(obj, f, *a, **k):
-        with open(f, "wb") as out:
-            out.write(b"PK\x03\x04 half a file")
+        f.write(b"PK\x03\x04 half a file")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        save_atomic({"w": torch.zeros(3)}, str(path))
+        write_atomic(str(path), {"w": torch.zeros(3)})
     monkeypatch.undo()
     assert torch.equal(torch.load(path)["w"], torch.ones(3))
 

@@ -205,7 +205,8 @@ def two_process_worker(rank, out):
     noisy = dropout_nar().train()              # as a model could come out of a loop: dropout 0.3, train mode
     noisy_scores = em_nat.nar_scores(run, noisy, SCORED_PAIRS)
     noisy.train()
-    selected = em_nat.select_by_nar_likelihood(run, noisy, SOURCES, CANDIDATE_SETS)[0]
+    selected = em_nat.best_candidates(
+        CANDIDATE_SETS, em_nat.candidate_nar_scores(run, noisy, SOURCES, CANDIDATE_SETS))[0]
     if rank == 0:
         torch.save({"model": model.state_dict(), "stopped": stopped_at, "beam": beam, "nbest": nbest,
                     "scores": scores, "noisy_scores": noisy_scores, "selected": selected},
@@ -263,4 +264,5 @@ def test_two_processes_score_the_e_step_without_dropout_as_one_eval_process(two_
     with torch.no_grad():
         reference = [float(dropout_nar().eval().score(torch.tensor([s]), torch.tensor([c]))) for s, c in SCORED_PAIRS]
     assert torch.allclose(torch.tensor(got["noisy_scores"]), torch.tensor(reference), atol=1e-5)
-    assert got["selected"] == em_nat.select_by_nar_likelihood(run, dropout_nar().eval(), SOURCES, CANDIDATE_SETS)[0]
+    scores = em_nat.candidate_nar_scores(run, dropout_nar().eval(), SOURCES, CANDIDATE_SETS)
+    assert got["selected"] == em_nat.best_candidates(CANDIDATE_SETS, scores)[0]
