@@ -8,8 +8,10 @@ import subprocess
 import sys
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ("model.py", "data.py", "decode.py", "train.py", "report.py", "em_nat.py")
+MODULES = ("options.py", "model.py", "data.py", "decode.py", "train.py", "report.py", "em_nat.py")
 SMALL = ["--toy-train-size", "200", "--nar-steps", "5", "--warmup", "10", "--em-iterations", "0",
          "--speed-sentences", "2", "--examples", "0", "--device", "cpu", "--threads", "1"]
 
@@ -64,6 +66,43 @@ def test_bad_counts_are_refused_when_the_options_are_read(tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert message in result.stderr.strip().splitlines()[-1]
         assert not os.path.exists(tmp_path / option / "ar")               # nothing was trained
+
+
+def last_line(result):
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_a_device_this_machine_lacks_is_refused_in_one_line(tmp_path):
+    absent = [d for d, present in (("cuda", torch.cuda.is_available()),
+                                   ("mps", torch.backends.mps.is_available()), ("gpu", False))
+              if not present]
+    for device in absent:
+        for script in ("train.py", "decode.py"):
+            out = ["--out", str(tmp_path)] if script == "train.py" else []
+            result = subprocess.run([sys.executable, script, "--device", device, *out], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=120)
+            assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+            assert f"error: --device {device}: not on this machine; available: cpu" in last_line(result)
+
+
+def test_an_unknown_benchmark_preset_names_the_presets():
+    result = subprocess.run([sys.executable, "decode.py", "--benchmark", "--preset", "nope"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "argument --preset: invalid choice: 'nope'" in last_line(result)
+    assert all(f"'{name}'" in last_line(result) for name in ("toy", "small", "iwslt", "base"))
+
+
+def test_python_train_py_loads_each_module_once():
+    # Run as a script, train.py is the module __main__; em_nat's `import train` must find that copy,
+    # not load the file again (two TrainConfig classes; an `except Stopped` that misses the other's).
+    result = subprocess.run([sys.executable, "-X", "importtime", "train.py", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")]
+    project = [name for name in imported if f"{name}.py" in MODULES]
+    assert "train" not in project and len(project) == len(set(project)), project
 
 
 def write_corpus(directory, splits=("train", "valid", "test"), train_lines=("a b c", "b c a", "c a b")):
@@ -125,7 +164,8 @@ def module_imports():
 def test_imports_go_one_way_and_never_inside_a_function():
     graph, inner = module_imports()
     assert not inner, inner
-    order = ["model", "data", "train", "decode", "report", "em_nat"]   # each imports only modules before it
+    # each imports only modules before it
+    order = ["options", "model", "data", "train", "decode", "report", "em_nat"]
     for i, name in enumerate(order):
         assert graph[name] <= set(order[:i]), (name, graph[name])
 

@@ -13,7 +13,7 @@ import torch
 import em_nat
 import report
 import train
-from decode import nbest_ids
+from decode import NBest, nbest_ids
 from model import ModelConfig, Transformer
 
 torch.set_num_threads(2)
@@ -310,6 +310,27 @@ def test_controls_share_the_first_stages_and_select_as_they_say(tmp_path):
     assert chosen["random"] == [rng.choice(g) for g in groups]
     assert chosen["nar"] != chosen["ar-top1"] and chosen["nar"] != chosen["random"]
     assert (tmp_path / "seeds.txt").read_text().count("\n") == 1 + 2 * (4 + 3 * 5)    # two tables
+
+
+def test_the_e_step_takes_the_scorers_favourite_within_q_and_nothing_else():
+    # Two sources, three AR candidates each; the scorer prefers later candidates. Source 0's third
+    # candidate is more than 1 nat below the AR best: outside Q, so never chosen.
+    nbest = NBest.from_lists(3, [[[4], [5], [6]], [[7], [8], [9]]],
+                             [[-1.0, -1.5, -3.0], [-0.5, -0.6, -0.7]])
+    seen = []
+
+    def score(sets):
+        seen.append(sets)
+        return [[float(j) for j in range(len(q))] for q in sets]
+
+    paper = em_nat.e_step(nbest, score, em_nat.EMConfig(quality_margin=1.0), seed=5)
+    assert seen == [[[[4], [5]], [[7], [8], [9]]]] and paper.sets == seen[0]
+    assert paper.targets == [[5], [9]] and paper.nar_scores == [[0.0, 1.0], [0.0, 1.0, 2.0]]
+    top1 = em_nat.e_step(nbest, score, em_nat.EMConfig(selection="ar-top1"), seed=5)
+    assert top1.targets == [[4], [7]]
+    rng = random.Random(5)
+    drawn = em_nat.e_step(nbest, score, em_nat.EMConfig(selection="random"), seed=5)
+    assert drawn.targets == [rng.choice(q) for q in paper.sets]
 
 
 def test_quality_margin_keeps_the_candidates_near_the_ar_best():
