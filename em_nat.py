@@ -60,9 +60,9 @@ RUN_FORMAT = 2                    # run.json's layout; a run directory of anothe
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    data_dir: str = option(None, "corpus directory in the fairseq layout (train/valid/test.SRC/.TGT, "
-                                 "tokenised text); default: the embedded toy task, generated from "
-                                 "--seed")
+    data_dir: str = option(None, "corpus directory in the fairseq layout (train/valid/test.SRC/"
+                                 ".TGT, tokenised text); default: the embedded toy task, generated "
+                                 "from --seed")
     task: str = option("toy", "the embedded task when there is no --data-dir: " +
                        "; ".join(f"{name}: {spec.about}"
                                  for name, spec in TASKS.items()).replace("%", "%%"),
@@ -93,8 +93,8 @@ def margin_value(text):
     except ValueError:
         value = float("nan")                    # not a number: refused below, with negatives
     if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of nats (e.g. 1), a multiple of the AR "
-                                         f"top-1's -score (e.g. 0.5x) or 'none', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number of nats (e.g. 1), a multiple of the "
+                                         f"AR top-1's -score (e.g. 0.5x) or 'none', got {text!r}")
     return f"{value:g}x" if scaled else value
 
 
@@ -881,7 +881,8 @@ def run_config(args):
     if args.selection == "nar-crossfit" and args.crossfit_folds < 2:
         raise ValueError("--selection nar-crossfit needs --crossfit-folds of 2 or more")
     preset = args.preset or ("toy" if args.data_dir is None else "iwslt")
-    data_name = "toy" if args.data_dir is None else os.path.basename(os.path.normpath(args.data_dir))
+    data_name = ("toy" if args.data_dir is None
+                 else os.path.basename(os.path.normpath(args.data_dir)))
     # the paper: 1.4 on IWSLT14
     alpha = args.alpha if args.alpha is not None else (1.4 if preset == "iwslt" else 1.0)
     return RunConfig(**values(RunConfig, args, preset=preset,

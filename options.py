@@ -73,7 +73,7 @@ def values(config_class, args, **decided):
 
 
 def check_minimums(args, *configs):
-    """Each option with a minimum, refused in one line naming it when the command line goes below."""
+    """Each option with a minimum: a value below it is refused in one line naming the option."""
     for config in configs:
         for _, f, spec in options_within(config):
             value = getattr(args, f.name)

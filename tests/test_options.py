@@ -31,7 +31,8 @@ def parser_of(*configs):
 
 
 def test_a_field_declared_as_an_option_is_parsed_typed_and_read_back():
-    args = parser_of(Outer).parse_args(["--count", "5", "--switch", "--the-rate", "2", "--name", "b"])
+    args = parser_of(Outer).parse_args(["--count", "5", "--switch", "--the-rate", "2",
+                                        "--name", "b"])
     assert Inner(**values(Inner, args)) == Inner(count=5, name="b")
     assert Outer(**values(Outer, args)) == Outer(switch=True, rate=2.0)
     defaults = parser_of(Outer).parse_args([])
