@@ -56,14 +56,20 @@ def add_options(parser, groups, *configs):
     shown = {title: parser.add_argument_group(title) for title, *_ in groups}
     for config in configs:
         for owner, f, spec in options_within(config):
-            keywords = dict(spec["keywords"])
-            if f.type is bool:
-                keywords.setdefault("action", "store_true")
-            elif f.type in (int, float):
-                keywords.setdefault("type", f.type)
             shown[spec["group"] or group_of[owner]].add_argument(
                 flag_of(f, spec), dest=f.name, default=spec["cli_default"], help=spec["help"],
-                **keywords)
+                **argparse_keywords(f, spec))
+
+
+def argparse_keywords(f, spec):
+    """The field's type says how the option reads its text: a bool is a switch, an int or a float
+    converts it; the declaration's own keywords (type=, action=) take precedence."""
+    keywords = dict(spec["keywords"])
+    if f.type is bool:
+        keywords.setdefault("action", "store_true")
+    elif f.type in (int, float):
+        keywords.setdefault("type", f.type)
+    return keywords
 
 
 def values(config_class, args, **decided):
