@@ -2,20 +2,21 @@
 
 - `Vocab`: the joint source/target vocabulary, special tokens first (<pad> <eos> <unk> <bos>).
 - `read_parallel`: a pair of aligned text files, one sentence per line, with clear one-line errors.
-- `BPE`: a from-scratch joint byte-pair-encoding learner and encoder (Sennrich et al. 2016) that writes
-  the "@@ " continuation markers fairseq's preparation scripts produce.
-- `make_batches` / `collate`: token-budget batching (sorted by length, shuffled buckets) and padding.
-- `ToyTask`: the embedded default dataset, generated from a seed. Every source sentence has six valid
-  translations that differ in choices correlated across the whole sentence (a register that picks one
-  of two synonym sets, and an optional opening or closing word that shifts every position), so a NAR
-  model trained on the raw data mixes modes and an AR model does not. It lists all valid translations
-  of a source, for exact evaluation.
-- `TaskSpec` / `TASKS`: a family of named embedded tasks ("toy" is the default above) whose knobs turn
-  the mechanisms the paper's E-step relies on on and off: whether the training target's mode is a
-  function of the source the NAR model can learn (`mode_rule`), at how many positions a mode shows and
-  whether it shifts later ones (`framing_positions`), how many training targets are invalid, i.e. how
-  good the AR teacher and its candidate set Q can be (`noise`), and the training-set size. Every task
-  keeps six valid translations per source, so the oracle stays exact.
+- `BPE`: a from-scratch joint byte-pair-encoding learner and encoder (Sennrich et al. 2016) that
+  writes the "@@ " continuation markers fairseq's preparation scripts produce.
+- `make_batches` / `collate`: token-budget batching (sorted by length, shuffled buckets) and
+  padding.
+- `ToyTask`: the embedded default dataset, generated from a seed. Every source sentence has six
+  valid translations that differ in choices correlated across the whole sentence (a register that
+  picks one of two synonym sets, and an optional opening or closing word that shifts every
+  position), so a NAR model trained on the raw data mixes modes and an AR model does not. It lists
+  all valid translations of a source, for exact evaluation.
+- `TaskSpec` / `TASKS`: a family of named embedded tasks ("toy" is the default above) whose knobs
+  turn the mechanisms the paper's E-step relies on on and off: whether the training target's mode is
+  a function of the source the NAR model can learn (`mode_rule`), at how many positions a mode shows
+  and whether it shifts later ones (`framing_positions`), how many training targets are invalid,
+  i.e. how good the AR teacher and its candidate set Q can be (`noise`), and the training-set size.
+  Every task keeps six valid translations per source, so the oracle stays exact.
 - `make_toy_corpus(seed, ..., task)`: the corpus of a named task; `load_corpus_dir`: a corpus
   directory in the fairseq layout (train/valid/test.{src,tgt}).
 """
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import PAD, SPECIALS, UNK
+from model import PAD, SPECIALS, UNK, write_atomic
 
 
 class DataError(ValueError):
@@ -48,11 +49,13 @@ class Vocab:
 
     @classmethod
     def build(cls, sentences):
-        """Joint vocabulary of the tokenised sentences (source and target together), most frequent first."""
+        """Joint vocabulary of the tokenised sentences (source and target together), most frequent
+        first."""
         counts = Counter(tok for sent in sentences for tok in sent)
         for special in SPECIALS:
             counts.pop(special, None)
-        return cls(SPECIALS + [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))])
+        return cls(SPECIALS + [t
+                               for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))])
 
     def __len__(self):
         return len(self.itos)
@@ -65,22 +68,12 @@ class Vocab:
         return [self.itos[i] for i in ids]
 
     def save(self, path):
-        write_text_atomic(path, "\n".join(self.itos) + "\n")
+        write_atomic(path, "\n".join(self.itos) + "\n")
 
     @classmethod
     def load(cls, path):
         with open(path, encoding="utf-8") as f:
             return cls(line.rstrip("\n") for line in f)
-
-
-def write_text_atomic(path, text):
-    """Write a text file so that a crash leaves either the old file or the new one, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,19 +98,21 @@ def read_lines(path):
 
 
 def read_parallel(src_path, tgt_path):
-    """Aligned (source tokens, target tokens) pairs and the number of pairs dropped because a side is
-    empty (counted, never silent). A line-count mismatch is an error, because it means every later
-    pair would be misaligned."""
+    """Aligned (source tokens, target tokens) pairs and the number of pairs dropped because a side
+    is empty (counted, never silent). A line-count mismatch is an error, because it means every
+    later pair would be misaligned."""
     numbered, lines = read_numbered_parallel(src_path, tgt_path)
     return [(s, t) for _, s, t in numbered], lines - len(numbered)
 
 
 def read_numbered_parallel(src_path, tgt_path):
     """(line index, source tokens, target tokens) of the pairs with no empty side, and the number of
-    lines: a file aligned with train.SRC (precomputed targets) can then be matched to the pairs kept."""
+    lines: a file aligned with train.SRC (precomputed targets) can then be matched to the pairs
+    kept."""
     src_lines, tgt_lines = read_lines(src_path), read_lines(tgt_path)
     if len(src_lines) != len(tgt_lines):
-        raise DataError(f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)}: "
+        raise DataError(f"{src_path} has {len(src_lines)} lines but {tgt_path} has "
+                        f"{len(tgt_lines)}: "
                         f"source and target must be aligned line by line")
     numbered = [(i, s.split(), t.split()) for i, (s, t) in enumerate(zip(src_lines, tgt_lines))]
     return [(i, s, t) for i, s, t in numbered if s and t], len(src_lines)
@@ -217,7 +212,7 @@ class BPE:
         return [piece for word in tokens for piece in self.encode_word(word)]
 
     def save(self, path):
-        write_text_atomic(path, "".join(f"{a} {b}\n" for a, b in self.merges))
+        write_atomic(path, "".join(f"{a} {b}\n" for a, b in self.merges))
 
     @classmethod
     def load(cls, path):
@@ -242,7 +237,8 @@ def make_batches(lengths, max_tokens, rng=None):
     """Group sentence indices into batches of at most `max_tokens` padded tokens
     (batch size x longest sentence in it), sorting by length so that little is padding.
     With `rng` (a random.Random) equal lengths are ordered randomly and the batch order is shuffled,
-    giving different buckets every epoch. A sentence longer than max_tokens gets a batch of its own."""
+    giving different buckets every epoch. A sentence longer than max_tokens gets a batch of its
+    own."""
     order = list(range(len(lengths)))
     if rng is not None:
         rng.shuffle(order)
@@ -278,9 +274,9 @@ def collate(pairs, device="cpu"):
 # ------------------------------------------------------------------------------------------------
 # The embedded default: a generated translation task with real multi-modality
 # ------------------------------------------------------------------------------------------------
-# (source word, formal English, casual English); a few concepts take two or three target words, as many
-# in both registers, so the target length differs from the source length (it must be predicted) but
-# does not reveal the register.
+# (source word, formal English, casual English); a few concepts take two or three target words, as
+# many in both registers, so the target length differs from the source length (it must be predicted)
+# but does not reveal the register.
 TOY_LEXICON = [
     ("ka", "purchase", "buy"), ("lu", "residence", "home"), ("mo", "automobile", "car"),
     ("ne", "commence", "start"), ("pi", "assist", "help"), ("ro", "sufficient", "enough"),
@@ -289,11 +285,13 @@ TOY_LEXICON = [
     ("de", "numerous", "many"), ("fi", "obtain", "get"), ("gu", "depart", "leave"),
     ("ha", "commerce", "trade"), ("ji", "beverage", "drink"), ("ko", "currently", "now"),
     ("le", "physician", "doctor"), ("ma", "utilize", "use"), ("no", "employment", "work"),
-    ("pe", "inform", "tell"), ("ri", "at once", "right away"), ("sa", "a great deal", "a whole lot"),
-    ("ti", "additionally", "also"), ("ve", "at present", "these days"), ("we", "conclude", "finish"),
+    ("pe", "inform", "tell"), ("ri", "at once", "right away"),
+    ("sa", "a great deal", "a whole lot"), ("ti", "additionally", "also"),
+    ("ve", "at present", "these days"), ("we", "conclude", "finish"),
     ("xo", "prior to", "ahead of"), ("yu", "subsequently", "later"), ("zi", "residents", "folks"),
 ]
-# The framing word: opening or closing, in the register of the sentence; SLOT fills an empty framing slot.
+# The framing word: opening or closing, in the register of the sentence; SLOT fills an empty framing
+# slot.
 TOY_OPENING = {"formal": "furthermore", "casual": "so"}
 TOY_CLOSING = {"formal": "indeed", "casual": "okay"}
 TOY_SLOT = "."
@@ -305,22 +303,27 @@ class TaskSpec:
     (register x framing), so the oracle and every mode measure stay exact; the knobs change which
     one is the training target, where a mode shows in it, and how clean the training data is.
 
-    mode_rule: how the mode of a target depends on its source, i.e. whether the teacher's mode choice is
-      something the NAR student can predict (the paper's E-step removes only multi-modality it cannot).
-      "uniform": drawn at random, independent of the source; the raw data is multi-modal per source,
-        but an AR teacher's beam output is a deterministic function of the source, which the NAR may learn.
-      "source-hash": a hash of the whole source: one mode per source, but no pattern a small model can
-        learn, so distilled targets stay multi-modal to the student unless it memorises them.
+    mode_rule: how the mode of a target depends on its source, i.e. whether the teacher's mode
+      choice is something the NAR student can predict (the paper's E-step removes only
+      multi-modality it cannot).
+      "uniform": drawn at random, independent of the source; the raw data is multi-modal per
+        source, but an AR teacher's beam output is a deterministic function of the source, which
+        the NAR may learn.
+      "source-hash": a hash of the whole source: one mode per source, but no pattern a small model
+        can learn, so distilled targets stay multi-modal to the student unless it memorises them.
       "first-word": the lexicon position of the first source word, modulo 6: one look-up, learnable.
-    framing_positions: where the framing shows, i.e. how many target positions a mode choice touches.
+    framing_positions: where the framing shows, i.e. how many target positions a mode choice
+      touches.
       "edge": an optional opening or closing word (shifts every later position, shows at one).
-      "inline": the framing word before (opening) or after (closing) every third concept, counted from
-        that edge: shows at ceil(n/3) positions and shifts the positions after each.
+      "inline": the framing word before (opening) or after (closing) every third concept, counted
+        from that edge: shows at ceil(n/3) positions and shifts the positions after each.
       "slots": every target has an opening and a closing slot, TOY_SLOT where unused: a mode changes
         one position and shifts none (all 6 translations have the same length).
-    noise: the share of training targets made invalid (a word dropped or two adjacent words swapped),
-      so the AR teacher learns some invalid outputs and Q, its N-best within a margin, holds some.
-    train_size: the default number of training pairs (the data size against the model: memorisation)."""
+    noise: the share of training targets made invalid (a word dropped or two adjacent words
+      swapped), so the AR teacher learns some invalid outputs and Q, its N-best within a margin,
+      holds some.
+    train_size: the default number of training pairs (the data size against the model:
+      memorisation)."""
     about: str
     mode_rule: str = "uniform"
     framing_positions: str = "edge"
@@ -332,23 +335,25 @@ class TaskSpec:
                               ("framing_positions", ("edge", "inline", "slots"))):
             value = getattr(self, knob)
             if value not in allowed:
-                raise ValueError(f"TaskSpec.{knob} must be one of {', '.join(allowed)}, not {value!r}")
+                raise ValueError(f"TaskSpec.{knob} must be one of {', '.join(allowed)}, not "
+                                 f"{value!r}")
         if not 0 <= self.noise < 1:
-            raise ValueError(f"TaskSpec.noise is a share of training targets in [0, 1), not {self.noise}")
+            raise ValueError(f"TaskSpec.noise is a share of training targets in [0, 1), not "
+                             f"{self.noise}")
 
 
 TASKS = {
     "toy": TaskSpec("the default: random mode per pair, optional opening/closing word, clean data"),
-    "toy-learnable": TaskSpec("the mode is a function of the first source word (learnable by the NAR)",
-                              mode_rule="first-word"),
+    "toy-learnable": TaskSpec("the mode is a function of the first source word (learnable by the "
+                              "NAR)", mode_rule="first-word"),
     "toy-hashed": TaskSpec("the mode is a hash of the whole source (determined, but not learnable)",
                            mode_rule="source-hash"),
-    "toy-inline": TaskSpec("the framing word recurs every third concept (a mode shows at several positions)",
-                           framing_positions="inline"),
-    "toy-shift-free": TaskSpec("fixed framing slots: a mode changes positions but never shifts them",
-                               framing_positions="slots"),
-    "toy-noisy": TaskSpec("15% of training targets invalid (a weaker AR teacher, invalid candidates in Q)",
-                          noise=0.15),
+    "toy-inline": TaskSpec("the framing word recurs every third concept (a mode shows at several "
+                           "positions)", framing_positions="inline"),
+    "toy-shift-free": TaskSpec("fixed framing slots: a mode changes positions but never shifts "
+                               "them", framing_positions="slots"),
+    "toy-noisy": TaskSpec("15% of training targets invalid (a weaker AR teacher, invalid "
+                          "candidates in Q)", noise=0.15),
     "toy-small": TaskSpec("today's task with 1500 training pairs (more memorisation per pair)",
                           train_size=1500),
 }
@@ -367,8 +372,10 @@ class ToyTask:
     def __init__(self, spec=None, min_words=4, max_words=10):
         self.spec = spec or TASKS["toy"]
         self.min_words, self.max_words = min_words, max_words
-        self.lexicon = {src: {"formal": formal, "casual": casual} for src, formal, casual in TOY_LEXICON}
-        self.word_class = {src: i % 6 for i, (src, _, _) in enumerate(TOY_LEXICON)}   # for "first-word"
+        self.lexicon = {src: {"formal": formal, "casual": casual}
+                        for src, formal, casual in TOY_LEXICON}
+        # for "first-word"
+        self.word_class = {src: i % 6 for i, (src, _, _) in enumerate(TOY_LEXICON)}
 
     def sample_source(self, rng):
         words = []
@@ -383,13 +390,17 @@ class ToyTask:
         opening, closing, n = TOY_OPENING[register], TOY_CLOSING[register], len(src)
         where = self.spec.framing_positions
         if where == "edge":
-            phrases = [opening] * (framing == "opening") + phrases + [closing] * (framing == "closing")
+            phrases = ([opening] * (framing == "opening") + phrases
+                       + [closing] * (framing == "closing"))
         elif where == "slots":
             phrases = ([opening if framing == "opening" else TOY_SLOT] + phrases
                        + [closing if framing == "closing" else TOY_SLOT])
-        elif framing == "opening":                                     # inline: before concepts 0, 3, 6, ...
-            phrases = [p for i, w in enumerate(phrases) for p in ([opening, w] if i % 3 == 0 else [w])]
-        elif framing == "closing":                                     # after concepts n-1, n-4, ...
+        # inline: before concepts 0, 3, 6, ...
+        elif framing == "opening":
+            phrases = [p for i, w in enumerate(phrases)
+                       for p in ([opening, w] if i % 3 == 0 else [w])]
+        # after concepts n-1, n-4, ...
+        elif framing == "closing":
             phrases = [p for i, w in enumerate(phrases)
                        for p in ([w, closing] if (n - 1 - i) % 3 == 0 else [w])]
         return " ".join(phrases).split()
@@ -407,7 +418,8 @@ class ToyTask:
 
     def target_mode(self, src, drawn):
         """The (register, framing) of the target of `src` under the task's mode_rule; `drawn` is the
-        uniformly drawn pair, drawn under every rule so that a seed gives the same sources in every task."""
+        uniformly drawn pair, drawn under every rule so that a seed gives the same sources in every
+        task."""
         rule = self.spec.mode_rule
         if rule == "uniform":
             return drawn
@@ -415,7 +427,8 @@ class ToyTask:
             index = int.from_bytes(hashlib.sha256(" ".join(src).encode()).digest()[:8], "big") % 6
         else:                         # first-word
             index = self.word_class[src[0]]
-        return self.REGISTERS[index // 3], self.FRAMINGS[index % 3]    # the order of valid_translations
+        # the order of valid_translations
+        return self.REGISTERS[index // 3], self.FRAMINGS[index % 3]
 
     def sample_pairs(self, n, rng):
         pairs = []
@@ -432,7 +445,8 @@ class ToyTask:
 
     def corrupt(self, src, tgt, rng):
         """A near miss of a target: a word dropped or two adjacent words swapped, redrawn until
-        mode() says invalid (dropping a framing word, or swapping equal words, can leave it valid)."""
+        mode() says invalid (dropping a framing word, or swapping equal words, can leave it
+        valid)."""
         while True:
             words, i = list(tgt), rng.randrange(len(tgt) - 1)
             if rng.random() < 0.5:
@@ -445,8 +459,8 @@ class ToyTask:
 
 @dataclass
 class Corpus:
-    """Token lists of every split, the vocabulary, and (for the toy task) the oracle of valid outputs.
-    `bpe` is set where em-nat learned the subwords itself and applies them to new input."""
+    """Token lists of every split, the vocabulary, and (for the toy task) the oracle of valid
+    outputs. `bpe` is set where em-nat learned the subwords itself and applies them to new input."""
     train: list
     valid: list
     test: list
@@ -455,7 +469,8 @@ class Corpus:
     bpe: BPE = None
     toy: ToyTask = None
     is_bpe: bool = False           # targets hold "@@ " subwords, to be removed before BLEU
-    train_lines: list = None       # the line index in train.SRC of every training pair (corpus directories)
+    # the line index in train.SRC of every training pair (corpus directories)
+    train_lines: list = None
     train_file_lines: int = None   # the number of lines of train.SRC
 
     def ids(self, split):
@@ -478,19 +493,23 @@ def make_toy_corpus(seed=1, train_size=None, valid_size=300, test_size=300, task
     return Corpus(train, valid, test, vocab, name=f"{task} (seed {seed})", toy=toy)
 
 
-def load_corpus_dir(data_dir, src_lang, tgt_lang, bpe_merges, max_len, bpe=None, max_train_pairs=None, log=print):
-    """A corpus directory in the fairseq layout: {train,valid,test}.{src,tgt}. Text that already holds
-    "@@ " markers is used as it is; plain tokenised text gets a joint BPE learned on train (or the
-    given `bpe`, when a run resumes). max_train_pairs keeps only the first pairs of train."""
+def load_corpus_dir(data_dir, src_lang, tgt_lang, bpe_merges, max_len, bpe=None,
+                    max_train_pairs=None, log=print):
+    """A corpus directory in the fairseq layout: {train,valid,test}.{src,tgt}. Text that already
+    holds "@@ " markers is used as it is; plain tokenised text gets a joint BPE learned on train (or
+    the given `bpe`, when a run resumes). max_train_pairs keeps only the first pairs of train."""
     if not os.path.isdir(data_dir):
-        raise DataError(f"{data_dir}: no such directory (expected train/valid/test.{src_lang}/.{tgt_lang})")
-    paths = {split: (os.path.join(data_dir, f"{split}.{src_lang}"), os.path.join(data_dir, f"{split}.{tgt_lang}"))
+        raise DataError(f"{data_dir}: no such directory (expected "
+                        f"train/valid/test.{src_lang}/.{tgt_lang})")
+    paths = {split: (os.path.join(data_dir, f"{split}.{src_lang}"),
+                     os.path.join(data_dir, f"{split}.{tgt_lang}"))
              for split in ("train", "valid", "test")}
     for split in ("train", "valid"):
         for path in paths[split]:
             if not os.path.isfile(path):
                 raise DataError(f"{path}: missing: a corpus directory needs train and valid splits "
-                                f"named {split}.{src_lang} and {split}.{tgt_lang} (--src/--tgt set the suffixes)")
+                                f"named {split}.{src_lang} and {split}.{tgt_lang} (--src/--tgt set "
+                                f"the suffixes)")
     splits = {}
     for split, (src_path, tgt_path) in paths.items():
         if split == "test" and not os.path.isfile(src_path):
@@ -501,20 +520,24 @@ def load_corpus_dir(data_dir, src_lang, tgt_lang, bpe_merges, max_len, bpe=None,
         pairs, empty = [(s, t) for _, s, t in numbered], n_lines - len(numbered)
         if split == "train":
             pairs = pairs[:max_train_pairs or None]
-            line_index, train_file_lines = [i for i, _, _ in numbered], n_lines     # the pairs' lines in train.SRC
-        log(f"{split}: {len(pairs)} pairs from {src_path} ({empty} pairs with an empty side dropped)")
+            # the pairs' lines in train.SRC
+            line_index, train_file_lines = [i for i, _, _ in numbered], n_lines
+        log(f"{split}: {len(pairs)} pairs from {src_path} ({empty} pairs with an empty side "
+            f"dropped)")
         splits[split] = pairs
     is_bpe = any("@@" in tok for _, tgt in splits["train"][:1000] for tok in tgt)
     if not is_bpe and (bpe is not None or bpe_merges > 0):
         if bpe is None:
             log(f"learning a joint BPE with {bpe_merges} merges on the training text ...")
-            bpe = BPE.learn([s for s, _ in splits["train"]] + [t for _, t in splits["train"]], bpe_merges)
+            bpe = BPE.learn([s for s, _ in splits["train"]] + [t for _, t in splits["train"]],
+                            bpe_merges)
         splits = {k: [(bpe.encode(s), bpe.encode(t)) for s, t in v] for k, v in splits.items()}
         is_bpe = True
     before = len(splits["train"])
     kept = [j for j, (s, t) in enumerate(splits["train"]) if max(len(s), len(t)) <= max_len]
     splits["train"] = [splits["train"][j] for j in kept]
-    log(f"train: dropped {before - len(splits['train'])} pairs longer than {max_len} tokens (--max-len)")
+    log(f"train: dropped {before - len(splits['train'])} pairs longer than {max_len} tokens "
+        f"(--max-len)")
     vocab = Vocab.build([s for s, _ in splits["train"]] + [t for _, t in splits["train"]])
     return Corpus(splits["train"], splits["valid"], splits["test"], vocab,
                   name=os.path.basename(os.path.normpath(data_dir)), bpe=bpe, is_bpe=is_bpe,

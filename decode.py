@@ -42,10 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from data import BPE, DataError, Vocab, make_batches, pad_batch, read_lines, remove_bpe
-from model import (ACTIVE_COUNTERS, ATTENTION_BACKENDS, BOS, EOS, PAD, UNK, CheckpointError, Counts,
-                   Transformer, additive_mask, attention_backend, keep_freed_memory_on_cpu,
-                   load_checkpoint, model_config, padding_mask, pick_device, precision_context,
-                   progress_bar, resolve_precision, synchronize)
+from model import (ACTIVE_COUNTERS, ATTENTION_BACKENDS, BOS, EOS, PAD, PRECISIONS, PRESETS, UNK,
+                   CheckpointError, Counts, Transformer, additive_mask, attention_backend,
+                   check_device, keep_freed_memory_on_cpu, load_checkpoint, model_config,
+                   padding_mask, pick_device, precision_context, progress_bar, resolve_precision,
+                   synchronize)
+from options import HelpFormatter
 
 EARLY_STOP_EVERY = 4          # beam steps between "are all beams finished?" host checks
 # an AR output holds at most |x| + 20 tokens, as in the official code
@@ -1087,14 +1089,6 @@ def launches_per_sentence(fn, src):
     return counts.launches / len(src)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default except the absent ones (None: those say in words where they come
-    from) and a switch's False; the description and the examples keep their line breaks."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
 def build_parser():
     p = argparse.ArgumentParser(
         description="Translate with an em-nat checkpoint (AR or NAR), or benchmark decoding "
@@ -1124,13 +1118,13 @@ def build_parser():
     p.add_argument("--rescore-with",
                    help="NAR: AR checkpoint directory that rescores the length candidates (NPD)")
     p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on a GPU with native bf16 (compute capability 8.0+), "
                         "else fp32")
     b = p.add_argument_group("benchmark (random weights; no checkpoint needed)")
     b.add_argument("--benchmark", action="store_true",
                    help="measure AR vs NAR latency and print a table")
-    b.add_argument("--preset", default="iwslt", help="model size to time")
+    b.add_argument("--preset", choices=sorted(PRESETS), default="iwslt", help="model size to time")
     b.add_argument("--sentences", type=int, default=64,
                    help="sentences timed per system and batch size")
     b.add_argument("--src-len", type=int, default=25, help="source length in tokens")
@@ -1143,12 +1137,13 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    device = pick_device(args.device)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        device = pick_device(check_device(args.device))
         args.precision = resolve_precision(args.precision, device)
     except ValueError as err:
-        sys.exit(f"decode.py: {err}")
+        parser.error(str(err))
     keep_freed_memory_on_cpu()
     if args.benchmark:
         args.alpha = 1.0 if args.alpha is None else args.alpha

@@ -39,12 +39,13 @@ import numpy as np
 import torch
 
 import report
-from data import (TASKS, BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, read_lines,
-                  write_text_atomic)
-from decode import (HelpFormatter, NBest, default_decode_tokens, ids_to_text, nbest, score_pairs, sentence_bleu,
+from data import TASKS, BPE, DataError, Vocab, load_corpus_dir, make_toy_corpus, read_lines
+from decode import (NBest, default_decode_tokens, ids_to_text, nbest, score_pairs, sentence_bleu,
                     translate_ids)
-from model import (PRECISIONS, PRESETS, UNK, CheckpointError, build_model, keep_freed_memory_on_cpu,
-                   load_checkpoint, model_config, resolve_precision)
+from model import (PRESETS, UNK, CheckpointError, build_model, check_device,
+                   keep_freed_memory_on_cpu, load_checkpoint, model_config, resolve_precision,
+                   write_atomic)
+from options import HelpFormatter, add_options, check_minimums, option, values
 from train import (TRAIN_PRESETS, Stopped, TrainConfig, TrainingError, all_parts, barrier,
                    from_main, gather, is_main, process_device, remove_loop_files, shard,
                    start_processes, stop_processes, train_model, world_size)
@@ -55,62 +56,118 @@ RUN_FORMAT = 2                    # run.json's layout; a run directory of anothe
 
 
 # ------------------------------------------------------------------------------------------------
-# Configuration (filled by the command line at the end of this file)
+# Configuration. A field declared with `option` is also an option of `python train.py` (its help
+# says what it does); the command line at the end of this file fills them.
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    data_dir: str = None          # fairseq-layout corpus directory; None: an embedded task
-    task: str = "toy"             # the embedded task (data.TASKS) when there is no data_dir
-    src: str = "de"
-    tgt: str = "en"
-    bpe_merges: int = 10000       # joint BPE merges learned on plain text (0: the text as it is)
-    max_len: int = None           # longest sentence in tokens (None: the preset's)
-    max_train_pairs: int = None
-    toy_train_size: int = None    # training pairs of the embedded task (None: the task's own)
-    # a file of the first NAR model's targets, one line per line of train.SRC (e.g. a stronger
-    # teacher's outputs); None: AR_0's beam
-    distillation_targets: str = None
+    data_dir: str = option(None, "corpus directory in the fairseq layout (train/valid/test.SRC/"
+                                 ".TGT, tokenised text); default: the embedded toy task, generated "
+                                 "from --seed")
+    task: str = option("toy", "the embedded task when there is no --data-dir: " +
+                       "; ".join(f"{name}: {spec.about}"
+                                 for name, spec in TASKS.items()).replace("%", "%%"),
+                       choices=sorted(TASKS))
+    src: str = option("de", "source language suffix")
+    tgt: str = option("en", "target language suffix")
+    bpe_merges: int = option(10000, "joint BPE merges learned on plain text (0: use the text as it "
+                                    "is)")
+    max_len: int = option(None, "longest sentence in tokens (positions, length classes); longer "
+                                "training pairs are dropped (default: the preset's)")
+    max_train_pairs: int = option(None, "use only the first N training pairs (default: all)")
+    toy_train_size: int = option(None, "training pairs of the embedded task (default: the task's, "
+                                       "6000 for toy)", minimum=1)
+    distillation_targets: str = option(
+        None, "the first NAR model's targets, precomputed (e.g. by a stronger teacher): one line "
+              "per line of train.SRC, tokenised as train.TGT (default: AR_0's beam outputs)",
+        metavar="FILE")
+
+
+def margin_value(text):
+    """--quality-margin: a number of nats, '<c>x' (c times the AR top-1's own length-normalised
+    negative log-probability), or 'none' (no margin)."""
+    if text.lower() == "none":
+        return None
+    scaled = text.endswith("x")
+    try:
+        value = float(text[:-1] if scaled else text)
+    except ValueError:
+        value = float("nan")                    # not a number: refused below, with negatives
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of nats (e.g. 1), a multiple of the "
+                                         f"AR top-1's -score (e.g. 0.5x) or 'none', got {text!r}")
+    return f"{value:g}x" if scaled else value
 
 
 @dataclass
 class EMConfig:
-    iterations: int = 2           # EM iterations after distillation
-    candidates: int = 20          # N of the AR N-best that Q is drawn from (the official code: 20)
-    # Q: candidates within this many nats (length-normalised AR score) of the AR model's best;
-    # "<c>x": c times the best's own -score (its confidence); None: all N (the official code)
-    quality_margin: float = 1.0
-    # E-step: "nar" (the paper), the controls "random" and "ar-top1", or "nar-crossfit": NAR
-    # models that never trained on the source judge it
-    selection: str = "nar"
-    # K of nar-crossfit: K extra NAR models per E-step, each on (K-1)/K
-    crossfit_folds: int = 2
-    kd_beam: int = 5              # beam of the AR outputs that train NAR models (M-step, KD)
-    alpha: float = 1.0            # length penalty exponent of beam search and NPD rescoring
-    # each iteration's models start from scratch or from the previous ones
-    init: str = "scratch"
+    iterations: int = option(2, "EM iterations after distillation", flag="--em-iterations",
+                             metavar="N", minimum=0)
+    # the official code: 20
+    candidates: int = option(20, "AR N-best candidates per source (E-step)", minimum=1)
+    quality_margin: float = option(
+        1.0, "the E-step's set Q keeps the N-best candidates within this many nats "
+             "(length-normalised AR score) of the AR model's best; 'Cx' (e.g. 0.5x): within C "
+             "times the best's own -score, so Q narrows where the AR model is confident; 'none' "
+             "keeps all N, as the official code", type=margin_value, metavar="NATS|Cx|none")
+    selection: str = option(
+        "nar", "E-step choice within Q: the NAR model's favourite (the paper), or a control: a "
+               "random candidate, the AR model's own top-1, or nar-crossfit: the favourite of NAR "
+               "models that never trained on the source (a control for memorisation; costs K extra "
+               "NAR trainings per E-step)", choices=SELECTIONS)
+    crossfit_folds: int = option(2, "with --selection nar-crossfit: K folds of the training "
+                                    "sources, one NAR model each", metavar="K", minimum=1)
+    kd_beam: int = option(5, "beam of the AR outputs that train NAR models", minimum=1)
+    alpha: float = option(1.0, "length penalty exponent of AR beam search and rescoring (default: "
+                               "1.4, the paper's IWSLT14 value, with the iwslt preset; else 1.0)",
+                          cli_default=None)
+    init: str = option("scratch", "each EM iteration's models start from scratch or from the "
+                                  "previous iteration's", flag="--em-init",
+                       choices=["scratch", "warm"])
 
 
 @dataclass
 class ReportConfig:
-    beam: int = 5                 # AR beam when evaluating
-    # NAR length candidates rescored by the AR model (NPD; the paper: 9)
-    length_beam: int = 9
-    # training pairs H(y|x) is measured on (a fixed sample beyond that)
-    entropy_pairs: int = 20000
-    speed_sentences: int = 50     # test sentences timed at batch size 1 for the speed-up column
-    # test sentences printed as text after each stage (and one E-step source)
-    examples: int = 2
+    beam: int = option(5, "AR beam size when evaluating", minimum=1)
+    length_beam: int = option(9, "NAR length candidates rescored by the AR model (NPD, the +resc "
+                                 "column; the paper: 9)", minimum=1)
+    entropy_pairs: int = option(20000, "training pairs the H(y|x) column is measured on (a fixed "
+                                       "random sample beyond that)", minimum=1)
+    speed_sentences: int = option(50, "test sentences timed at batch size 1 for the speed-up "
+                                      "column (0: not timed)", minimum=0)
+    examples: int = option(2, "test sentences printed as text after each stage, with one source's "
+                              "E-step candidates (0: none)", minimum=0)
 
 
 @dataclass
 class RunConfig:
-    out: str
-    preset: str
-    seed: int = 1
+    out: str = option(None, "run directory (default: runs/<data>-<preset>); re-running resumes it")
+    preset: str = option(None, "model size and schedule, listed below (default: toy on the toy "
+                               "task, iwslt with --data-dir)", choices=sorted(PRESETS),
+                         group="model and training")
+    seed: int = option(1, "seed of the toy data, the weights and the batches")
+    threads: int = option(None, "CPU threads (default: torch's, usually the number of cores); "
+                                "figures on the CPU change a little with it", minimum=1)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     em: EMConfig = field(default_factory=EMConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+
+@dataclass
+class Studies:
+    """What the command does besides running the pipeline once (main reads these)."""
+    seeds: list = option(None, "run the pipeline once per seed (in OUT/seed<N>) and print each "
+                               "stage's mean, min and max", type=int, nargs="+", metavar="SEED")
+    controls: bool = option(False, "with --seeds: also run the E-step controls (random and AR "
+                                   "top-1 selection) on every seed")
+    margin_study: bool = option(False, "read a finished run (--out and its options) and print how "
+                                       "each quality margin shapes its first E-step (Q's size, the "
+                                       "selections, their quality), then exit")
+    benchmark: bool = option(False, "measure AR/NAR training throughput and N-best beam search "
+                                    "speed on the corpus of --data-dir, then exit")
+    benchmark_steps: int = option(20, "training steps timed per model")
+    benchmark_sentences: int = option(200, "sentences decoded for N-best speed")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,12 +232,6 @@ def nar_scores(run, nar_model, pairs):
                               run.precision))
 
 
-def select_by_nar_likelihood(run, nar_model, sources, sets):
-    """The E-step's selection (official score_nat.py + data_selection.py): in each source's set,
-    the candidate of highest NAR likelihood. Returns (selected targets, their NAR scores)."""
-    return best_candidates(sets, candidate_nar_scores(run, nar_model, sources, sets))
-
-
 # >>> exercise 7: the E-step's selection
 def candidate_nar_scores(run, nar_model, sources, sets):
     """The full NAR log-likelihood log p(T|x) + sum_t log p(y_t|x,T) (no token masked, NOT
@@ -229,22 +280,17 @@ class EStep:
     nar_scores: list              # log p_NAR of every member of Q (-inf: cannot be scored)
 
 
-def e_step(run, stage, ar_model, nar_model, iteration):
-    """E-step i: Q = AR_{i-1}'s N-best under the quality constraint; the targets = NAR_{i-1}'s
-    choice in Q (or a control's). The N-best is saved in the stage's directory and read back on
-    resume."""
-    candidates = run.cached(stage, "candidates.tgt",
-                            lambda: ar_nbest(run, ar_model, run.train_sources),
-                            run.write_nbest, run.read_nbest)
-    sets = [quality_constrained_set(candidates.candidates(i), candidates.scores[i].tolist(),
-                                    run.em.quality_margin)
-            for i in range(len(candidates))]
-    if run.em.selection == "nar-crossfit":
-        scores = crossfit_scores(run, stage, iteration, sets)
-    else:
-        scores = candidate_nar_scores(run, nar_model, run.train_sources, sets)
-    targets = select(run.em.selection, sets, scores, seed=run.cfg.seed * 7919 + iteration)
-    return EStep(targets, candidates, sets, scores)
+def e_step(nbest, score, em, seed):
+    """The E-step (official score_nat.py + data_selection.py): Q = the AR model's N-best (a
+    decode.NBest) under the quality constraint, and the targets = the candidate of Q that `score`
+    rates highest (or a control's choice: em.selection). score(sets) gives every candidate of every
+    set its log-likelihood under the NAR model (candidate_nar_scores); seed: the random control's
+    draw."""
+    sets = [quality_constrained_set(nbest.candidates(i), nbest.scores[i].tolist(),
+                                    em.quality_margin)
+            for i in range(len(nbest))]
+    scores = score(sets)
+    return EStep(select(em.selection, sets, scores, seed), nbest, sets, scores)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +299,8 @@ def e_step(run, stage, ar_model, nar_model, iteration):
 def em_loop(run):
     """The paper's algorithm. Each `run.stage` trains one model on the targets its function computes
     (or reads a finished stage back from its directory) and evaluates it; it returns a handle whose
-    .model() loads the model when a later step needs it."""
+    .model() loads the model when a later step needs it. `run.e_step(stage, ar, nar, i)` is
+    e_step on the N-best of the AR model `ar`, scored by the NAR model `nar`."""
     # >>> exercise 8: the EM loop
     real = [t for _, t in run.train_ids]
     ar = run.stage("ar", "ar", "real data", lambda: real)                             # AR_0
@@ -268,8 +315,7 @@ def em_loop(run):
         prev_ar, prev_nar = ar, nar
         # E-step: within Q (AR_{i-1}'s N-best), the targets NAR_{i-1} likes best; AR_i learns them.
         ar = run.stage(f"em{i}-ar", "ar", f"{prev_ar.name} N-best, {run.em.selection} selection",
-                       lambda: e_step(run, f"em{i}-ar", prev_ar.model(), prev_nar.model(), i),
-                       init_from=prev_ar)
+                       lambda: run.e_step(f"em{i}-ar", prev_ar, prev_nar, i), init_from=prev_ar)
         # M-step: NAR_i learns AR_i's outputs.
         nar = run.stage(f"em{i}-nar", "nar", f"{ar.name} beam outputs",
                         lambda: distil(run, ar.model()), init_from=prev_nar, rescorer=ar)
@@ -289,16 +335,14 @@ def crossfit_folds(sources, k, seed):
     return [fold_of[tuple(s)] for s in sources]
 
 
-def crossfit_scores(run, stage, iteration, sets):
+def crossfit_scores(run, stage, judged_like, seed, sets):
     """The NAR scores of a cross-fitted E-step (a control for memorisation): K NAR models, model k
-    trained like NAR_{i-1} (its targets and steps) on the sources outside fold k, score the
-    candidates of fold k's sources, so no candidate is judged by a model that trained on its source.
-    Each fold's scores are computed once into <stage>/fold<k>.json (its model into
-    <stage>/fold<k>/)."""
-    previous = "nar-kd" if iteration == 1 else f"em{iteration - 1}-nar"
-    targets = run.read_ids(os.path.join(run.stage_dir(previous), "train.tgt"))
-    folds = crossfit_folds(run.train_sources, run.em.crossfit_folds,
-                           run.cfg.seed * 7919 + iteration)
+    trained like the NAR model of stage `judged_like` (its targets and steps) on the sources outside
+    fold k, score the candidates of fold k's sources, so no candidate is judged by a model that
+    trained on its source. Each fold's scores are computed once into <stage>/fold<k>.json (its model
+    into <stage>/fold<k>/)."""
+    targets = run.read_ids(os.path.join(run.stage_dir(judged_like), "train.tgt"))
+    folds = crossfit_folds(run.train_sources, run.em.crossfit_folds, seed)
     scores = [None] * len(sets)
     for k in range(run.em.crossfit_folds):
         held = [i for i, f in enumerate(folds) if f == k]
@@ -376,6 +420,21 @@ class Run:
             write(path, value)
         return value
 
+    def e_step(self, stage, ar, nar, iteration):
+        """E-step `iteration` as the targets of `stage`: the paper's e_step on the N-best of the AR
+        model `ar` (saved in the stage's directory, read back on resume), scored by the NAR model
+        `nar`, or with --selection nar-crossfit by NAR models trained like it that never saw the
+        source."""
+        nbest = self.cached(stage, "candidates.tgt",
+                            lambda: ar_nbest(self, ar.model(), self.train_sources),
+                            self.write_nbest, self.read_nbest)
+        seed = self.cfg.seed * 7919 + iteration
+        if self.em.selection == "nar-crossfit":
+            score = lambda sets: crossfit_scores(self, stage, nar.name, seed, sets)
+        else:
+            score = lambda sets: candidate_nar_scores(self, nar.model(), self.train_sources, sets)
+        return e_step(nbest, score, self.em, seed)
+
     def stage(self, name, kind, trained_on, make_targets, init_from=None, rescorer=None):
         """Train a `kind` model on the targets make_targets() returns, evaluate it and write
         result.json; or, if that file exists, read the finished stage back. Under torchrun every
@@ -398,7 +457,7 @@ class Run:
             result, outputs = evaluate_stage(self, model, kind, targets, rescorer)
             result.update(stage=name, kind=kind, trained_on=trained_on, training=summary, **notes)
             report.write_outputs(self.stage_dir(name), self.test, outputs)
-            write_text_atomic(path, json.dumps(result, indent=2))
+            write_atomic(path, json.dumps(result, indent=2))
             remove_loop_files(self.stage_dir(name))                       # the stage is done
             print(report.format_table([result], self.corpus.toy is not None))
             if self.cfg.report.examples:
@@ -421,7 +480,7 @@ class Run:
     # ----- files of a run: token ids as text, one sentence per line ----------------------------
     def write_ids(self, path, targets):
         """Token id lists as text, one per line (a list, or any iterable of them)."""
-        write_text_atomic(path, "".join(" ".join(self.corpus.vocab.decode(t)) + "\n"
+        write_atomic(path, "".join(" ".join(self.corpus.vocab.decode(t)) + "\n"
                                         for t in targets))
 
     def read_ids(self, path):
@@ -430,7 +489,7 @@ class Run:
 
     def write_targets(self, path, value):
         targets, notes = value
-        write_text_atomic(path[:-len(".tgt")] + ".json", json.dumps(notes))
+        write_atomic(path[:-len(".tgt")] + ".json", json.dumps(notes))
         self.write_ids(path, targets)
 
     def read_targets(self, path):
@@ -440,7 +499,7 @@ class Run:
     def write_nbest(self, path, candidates):
         """The N-best as candidates.scores (a score per line), then candidates.tgt (the cache looks
         for it)."""
-        write_text_atomic(path[:-len(".tgt")] + ".scores",
+        write_atomic(path[:-len(".tgt")] + ".scores",
                           "".join(f"{s:.6f}\n" for s in candidates.scores.reshape(-1).tolist()))
         self.write_ids(path, (c for i in range(len(candidates)) for c in candidates.candidates(i)))
 
@@ -556,7 +615,7 @@ def check_run_dir(directory, settings, vocab):
                                   f"({'; '.join(changed)}); use another --out or the original "
                                   f"options")
     elif is_main():
-        write_text_atomic(path, json.dumps(settings, indent=2))
+        write_atomic(path, json.dumps(settings, indent=2))
     vocab_path = os.path.join(directory, "vocab.txt")
     if os.path.isfile(vocab_path) and Vocab.load(vocab_path).itos != vocab.itos:
         raise CheckpointError(f"{vocab_path}: differs from the vocabulary of the data; use another "
@@ -609,7 +668,7 @@ def train_fold_model(run, stage, k, indices, targets):
 
 
 def write_json(path, value):
-    write_text_atomic(path, json.dumps(value))
+    write_atomic(path, json.dumps(value))
 
 
 def read_json(path):
@@ -641,8 +700,8 @@ def evaluate_stage(run, model, kind, targets, rescorer):
 def print_results(run, results):
     shown, tables = report.format_results(results, run.test)
     print(shown)
-    write_text_atomic(os.path.join(run.dir, "results.json"), json.dumps(results, indent=2))
-    write_text_atomic(os.path.join(run.dir, "results.txt"), tables + "\n")
+    write_atomic(os.path.join(run.dir, "results.json"), json.dumps(results, indent=2))
+    write_atomic(os.path.join(run.dir, "results.txt"), tables + "\n")
     print(f"saved {os.path.join(run.dir, 'results.json')}")
 
 
@@ -744,8 +803,8 @@ def run_seeds(cfg: RunConfig, seeds, selections):
     summary = report.format_seed_summary(by_stage, toy=cfg.data.data_dir is None, seeds=seeds)
     print("\n" + summary)
     if is_main():
-        write_text_atomic(os.path.join(cfg.out, "seeds.txt"), summary + "\n")
-        write_text_atomic(os.path.join(cfg.out, "seeds.json"), json.dumps(
+        write_atomic(os.path.join(cfg.out, "seeds.txt"), summary + "\n")
+        write_atomic(os.path.join(cfg.out, "seeds.json"), json.dumps(
             {f"{sel}/{stage}": results for (sel, stage), results in by_stage.items()}, indent=2))
         print(f"saved {os.path.join(cfg.out, 'seeds.txt')}")
     return by_stage
@@ -768,22 +827,6 @@ def benchmark(cfg: RunConfig, steps, sentences):
 # ------------------------------------------------------------------------------------------------
 # The command line: `python train.py` (or `python em_nat.py`)
 # ------------------------------------------------------------------------------------------------
-def margin_value(text):
-    """--quality-margin: a number of nats, '<c>x' (c times the AR top-1's own length-normalised
-    negative log-probability), or 'none' (no margin)."""
-    if text.lower() == "none":
-        return None
-    scaled = text.endswith("x")
-    try:
-        value = float(text[:-1] if scaled else text)
-    except ValueError:
-        value = float("nan")                    # not a number: refused below, with negatives
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of nats (e.g. 1), a multiple of the AR "
-                                         f"top-1's -score (e.g. 0.5x) or 'none', got {text!r}")
-    return f"{value:g}x" if scaled else value
-
-
 def preset_help():
     """The presets' sizes and schedules, for --help."""
     lines = []
@@ -806,6 +849,14 @@ examples:
   python train.py --seeds 1 2 3 --controls               # over seeds, with the E-step's controls
 """
 
+# --help's groups, in order, and the configurations whose options each shows (an option may name
+# another group)
+HELP_GROUPS = (("data", DataConfig),
+               ("model and training", TrainConfig),
+               ("EM loop and evaluation", EMConfig, ReportConfig),
+               ("run", RunConfig),
+               ("studies and diagnostics (a first run needs none of these)", Studies))
+
 
 def build_parser():
     p = argparse.ArgumentParser(
@@ -819,212 +870,66 @@ def build_parser():
                     "minutes on a laptop CPU. Running the same command again resumes where it "
                     "stopped.",
         epilog=EXAMPLES.format(presets=preset_help()), formatter_class=HelpFormatter)
-    add_data_options(p.add_argument_group("data"))
-    add_training_options(p.add_argument_group("model and training"))
-    add_em_options(p.add_argument_group("EM loop and evaluation"))
-    r = p.add_argument_group("run")
-    r.add_argument("--out",
-                   help="run directory (default: runs/<data>-<preset>); re-running resumes it")
-    r.add_argument("--device", help="cpu, cuda or mps (default: the best available; under "
-                                    "torchrun each process takes the GPU of its local rank)")
-    r.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 autocast on a GPU with native bf16 (compute capability 8.0+), "
-                        "else fp32")
-    r.add_argument("--threads", type=int, help="CPU threads (default: torch's, usually the number "
-                                               "of cores); figures on the CPU change a little "
-                                               "with it")
-    r.add_argument("--seed", type=int, default=1,
-                   help="seed of the toy data, the weights and the batches")
-    s = p.add_argument_group("studies and diagnostics (a first run needs none of these)")
-    s.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                   help="run the pipeline once per seed (in OUT/seed<N>) and print each stage's "
-                        "mean, min and max")
-    s.add_argument("--controls", action="store_true",
-                   help="with --seeds: also run the E-step controls (random and AR top-1 "
-                        "selection) on every seed")
-    s.add_argument("--margin-study", action="store_true",
-                   help="read a finished run (--out and its options) and print how each quality "
-                        "margin shapes its first E-step (Q's size, the selections, their "
-                        "quality), then exit")
-    s.add_argument("--benchmark", action="store_true",
-                   help="measure AR/NAR training throughput and N-best beam search speed on the "
-                        "corpus of --data-dir, then exit")
-    s.add_argument("--benchmark-steps", type=int, default=20, help="training steps timed per model")
-    s.add_argument("--benchmark-sentences", type=int, default=200,
-                   help="sentences decoded for N-best speed")
+    add_options(p, HELP_GROUPS, RunConfig, Studies)
     return p
 
 
-def add_data_options(d):
-    d.add_argument("--data-dir", help="corpus directory in the fairseq layout "
-                                      "(train/valid/test.SRC/.TGT, tokenised text); default: the "
-                                      "embedded toy task, generated from --seed")
-    d.add_argument("--src", default="de", help="source language suffix")
-    d.add_argument("--tgt", default="en", help="target language suffix")
-    d.add_argument("--bpe-merges", type=int, default=10000,
-                   help="joint BPE merges learned on plain text (0: use the text as it is)")
-    d.add_argument("--max-train-pairs", type=int,
-                   help="use only the first N training pairs (default: all)")
-    d.add_argument("--task", choices=sorted(TASKS), default="toy",
-                   help="the embedded task when there is no --data-dir: " +
-                        "; ".join(f"{name}: {spec.about}"
-                                  for name, spec in TASKS.items()).replace("%", "%%"))
-    d.add_argument("--toy-train-size", type=int, help="training pairs of the embedded task "
-                                                      "(default: the task's, 6000 for toy)")
-    d.add_argument("--distillation-targets", metavar="FILE",
-                   help="the first NAR model's targets, precomputed (e.g. by a stronger teacher): "
-                        "one line per line of train.SRC, tokenised as train.TGT (default: AR_0's "
-                        "beam outputs)")
-
-
-def add_training_options(m):
-    m.add_argument("--preset", choices=sorted(PRESETS), help="model size and schedule, listed "
-                                                           "below (default: toy on the toy task, "
-                                                           "iwslt with --data-dir)")
-    m.add_argument("--max-len", type=int, help="longest sentence in tokens (positions, length "
-                                               "classes); longer training pairs are dropped "
-                                               "(default: the preset's)")
-    m.add_argument("--ar-steps", type=int,
-                   help="optimizer steps per AR model (default: the preset's)")
-    m.add_argument("--nar-steps", type=int,
-                   help="optimizer steps per NAR model (default: the preset's)")
-    m.add_argument("--max-tokens", type=int, help="token budget of a batch (default: the preset's)")
-    m.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
-    m.add_argument("--warmup", type=int, help="warm-up steps (default: the preset's)")
-    m.add_argument("--valid-every", type=int,
-                   help="steps between validations (default: the preset's)")
-    m.add_argument("--dropout", type=float, help="dropout of every model (default: the preset's)")
-    m.add_argument("--update-freq", type=int, default=1,
-                   help="batches whose gradients make one update (per process; under torchrun each "
-                        "of the N processes takes K batches: an update of N x K batches)")
-    m.add_argument("--final-model", choices=["last", "best"], default="last",
-                   help="each stage's model: the last step's (as the paper's scripts), or the "
-                        "checkpoint of lowest validation loss (misleading for NAR models trained "
-                        "on distilled targets)")
-    m.add_argument("--average-last", type=int, default=1, metavar="K",
-                   help="with --final-model last: the mean of the last K checkpoints, taken every "
-                        "--valid-every steps (as fairseq's average_checkpoints.py)")
-
-
-def add_em_options(e):
-    e.add_argument("--em-iterations", type=int, default=2, help="EM iterations after distillation")
-    e.add_argument("--candidates", type=int, default=20,
-                   help="AR N-best candidates per source (E-step)")
-    e.add_argument("--quality-margin", type=margin_value, default=1.0, metavar="NATS|Cx|none",
-                   help="the E-step's set Q keeps the N-best candidates within this many nats "
-                        "(length-normalised AR score) of the AR model's best; 'Cx' (e.g. 0.5x): "
-                        "within C times the best's own -score, so Q narrows where the AR model is "
-                        "confident; 'none' keeps all N, as the official code")
-    e.add_argument("--selection", choices=SELECTIONS, default="nar",
-                   help="E-step choice within Q: the NAR model's favourite (the paper), or a "
-                        "control: a random candidate, the AR model's own top-1, or nar-crossfit: "
-                        "the favourite of NAR models that never trained on the source (a control "
-                        "for memorisation; costs K extra NAR trainings per E-step)")
-    e.add_argument("--crossfit-folds", type=int, default=2, metavar="K",
-                   help="with --selection nar-crossfit: K folds of the training sources, one NAR "
-                        "model each")
-    e.add_argument("--kd-beam", type=int, default=5,
-                   help="beam of the AR outputs that train NAR models")
-    e.add_argument("--em-init", choices=["scratch", "warm"], default="scratch",
-                   help="each EM iteration's models start from scratch or from the previous "
-                        "iteration's")
-    e.add_argument("--alpha", type=float, help="length penalty exponent of AR beam search and "
-                                               "rescoring (default: 1.4, the paper's IWSLT14 "
-                                               "value, with the iwslt preset; else 1.0)")
-    e.add_argument("--beam", type=int, default=5, help="AR beam size when evaluating")
-    e.add_argument("--length-beam", type=int, default=9,
-                   help="NAR length candidates rescored by the AR model (NPD, the +resc column; "
-                        "the paper: 9)")
-    e.add_argument("--entropy-pairs", type=int, default=20000,
-                   help="training pairs the H(y|x) column is measured on (a fixed random sample "
-                        "beyond that)")
-    e.add_argument("--speed-sentences", type=int, default=50,
-                   help="test sentences timed at batch size 1 for the speed-up column (0: not "
-                        "timed)")
-    e.add_argument("--examples", type=int, default=2,
-                   help="test sentences printed as text after each stage, with one source's E-step "
-                        "candidates (0: none)")
+def run_config(args):
+    """The command line as a RunConfig: every option checked here (a ValueError of one line naming
+    the option), and the defaults that depend on other options decided (the preset's, the best
+    device)."""
+    check_minimums(args, RunConfig)
+    if args.selection == "nar-crossfit" and args.crossfit_folds < 2:
+        raise ValueError("--selection nar-crossfit needs --crossfit-folds of 2 or more")
+    preset = args.preset or ("toy" if args.data_dir is None else "iwslt")
+    data_name = ("toy" if args.data_dir is None
+                 else os.path.basename(os.path.normpath(args.data_dir)))
+    # the paper: 1.4 on IWSLT14
+    alpha = args.alpha if args.alpha is not None else (1.4 if preset == "iwslt" else 1.0)
+    return RunConfig(**values(RunConfig, args, preset=preset,
+                              out=args.out or os.path.join("runs", f"{data_name}-{preset}")),
+                     data=DataConfig(**values(DataConfig, args)),
+                     train=train_config(args, preset),
+                     em=EMConfig(**values(EMConfig, args, alpha=alpha)),
+                     report=ReportConfig(**values(ReportConfig, args)))
 
 
 def train_config(args, preset):
-    """The TrainConfig of a preset, with the command line's overrides."""
-    values = dict(TRAIN_PRESETS[preset])
-    for name in ("ar_steps", "nar_steps", "max_tokens", "lr", "warmup", "valid_every"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    device = process_device(args.device)
-    return TrainConfig(**values, update_freq=args.update_freq, final_model=args.final_model,
-                       average_last=args.average_last, dropout=args.dropout, seed=args.seed,
-                       device=device, precision=resolve_precision(args.precision, device))
-
-
-def check_counts(args):
-    """Counts and sizes that must be positive, refused when the options are read, not after a
-    stage."""
-    for name in ("candidates", "kd_beam", "beam", "length_beam", "entropy_pairs", "crossfit_folds"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
-                             f"not {getattr(args, name)}")
-    for name in ("em_iterations", "speed_sentences", "examples"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, "
-                             f"not {getattr(args, name)}")
-    for name in ("threads", "toy_train_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
-                             f"not {getattr(args, name)}")
-    if args.selection == "nar-crossfit" and args.crossfit_folds < 2:
-        raise ValueError("--selection nar-crossfit needs --crossfit-folds of 2 or more")
-
-
-def run_config(args):
-    """The command line as a RunConfig: the only place that reads the argparse namespace."""
-    check_counts(args)
-    preset = args.preset or ("toy" if args.data_dir is None else "iwslt")
-    default_name = ("toy" if args.data_dir is None
-                    else os.path.basename(os.path.normpath(args.data_dir)))
-    # the paper: 1.4 on IWSLT14
-    alpha = args.alpha if args.alpha is not None else (1.4 if preset == "iwslt" else 1.0)
-    return RunConfig(
-        out=args.out or os.path.join("runs", f"{default_name}-{preset}"), preset=preset,
-        seed=args.seed,
-        data=DataConfig(data_dir=args.data_dir, task=args.task, src=args.src, tgt=args.tgt,
-                        bpe_merges=args.bpe_merges, max_len=args.max_len,
-                        max_train_pairs=args.max_train_pairs, toy_train_size=args.toy_train_size,
-                        distillation_targets=args.distillation_targets),
-        train=train_config(args, preset),
-        em=EMConfig(iterations=args.em_iterations, candidates=args.candidates,
-                    quality_margin=args.quality_margin, selection=args.selection,
-                    crossfit_folds=args.crossfit_folds, kd_beam=args.kd_beam, alpha=alpha,
-                    init=args.em_init),
-        report=ReportConfig(beam=args.beam, length_beam=args.length_beam,
-                            entropy_pairs=args.entropy_pairs,
-                            speed_sentences=args.speed_sentences, examples=args.examples))
+    """The TrainConfig of a preset, with the command line's overrides: on this process's device,
+    which must be one this machine has."""
+    device = process_device(check_device(args.device))
+    chosen = values(TrainConfig, args, seed=args.seed, device=device,
+                    precision=resolve_precision(args.precision, device))
+    return TrainConfig(**{**TRAIN_PRESETS[preset],
+                          **{name: value for name, value in chosen.items() if value is not None}})
 
 
 def main(argv=None):
-    """The command line: every expected failure (bad data, a checkpoint of another run, a diverging
-    loss, Ctrl-C) ends with one line on stderr and exit status 1, never a traceback."""
+    """The command line: a bad option ends with one line and exit status 2; every expected failure
+    after that (bad data, a checkpoint of another run, a diverging loss, Ctrl-C) with one line on
+    stderr and exit status 1, never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory_on_cpu()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start_processes(args.device)
-    if not is_main():
-        sys.stdout = open(os.devnull, "w")                    # one log: rank 0's
     try:
+        # under torchrun, the processes meet first: each then takes the GPU of its local rank
+        start_processes(check_device(args.device))
         cfg = run_config(args)
     except ValueError as err:
         parser.error(str(err))
+    study = Studies(**values(Studies, args))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")                    # one log: rank 0's
     try:
-        if args.benchmark:
-            benchmark(cfg, args.benchmark_steps, args.benchmark_sentences)
-        elif args.margin_study:
+        if study.benchmark:
+            benchmark(cfg, study.benchmark_steps, study.benchmark_sentences)
+        elif study.margin_study:
             margin_study(cfg)
-        elif args.seeds:
-            run_seeds(cfg, args.seeds,
-                      [cfg.em.selection] + (list(CONTROLS) if args.controls else []))
+        elif study.seeds:
+            run_seeds(cfg, study.seeds,
+                      [cfg.em.selection] + (list(CONTROLS) if study.controls else []))
         else:
             run_pipeline(cfg)
     except (DataError, CheckpointError, TrainingError) as err:

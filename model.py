@@ -38,6 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel        # torch >= 2.3
+except ImportError:
+    SDPBackend = sdpa_kernel = None
 from tqdm import tqdm
 
 # Special token ids, in the official code's order.
@@ -523,10 +527,31 @@ def attention_backend(name):
     """A context in which attention runs on one backend of ATTENTION_BACKENDS."""
     if name == "auto":
         return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel          # torch >= 2.3
+    if sdpa_kernel is None:
+        raise ValueError(f"--attention {name} needs torch 2.3 or later (this is "
+                         f"{torch.__version__})")
     backends = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
     return sdpa_kernel(backends[name])
+
+
+def check_device(name):
+    """`name` (None: pick_device's choice) if this machine has that device; else a one-line
+    ValueError that names --device and the devices there are (torch would fail later, in a
+    traceback)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = torch.backends.mps.is_available()
+    available = ["cpu"] + (["cuda"] if gpus else []) + (["mps"] if mps else [])
+    try:
+        device = torch.device(name or "cpu")
+    except RuntimeError:                                  # not a device name at all (e.g. "gpu")
+        device = None
+    # a GPU's index must be one of the machine's (cpu and mps have one device)
+    if device is not None and device.type in available and (device.index or 0) < max(gpus, 1):
+        return name
+    shown = [f"cuda ({gpus} GPU{'s' if gpus > 1 else ''})" if kind == "cuda" else kind
+             for kind in available]
+    raise ValueError(f"--device {name}: not on this machine; available: {', '.join(shown)}")
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -655,24 +680,29 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, worded as one line saying which file and why."""
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same directory, then rename: a kill during the save
-    leaves the previous file (or none), never a truncated one."""
+def write_atomic(path, content):
+    """Write a file so that a kill or a crash leaves the previous file (or none), never a
+    truncated one: `content` (text, written in UTF-8, or any object for torch.save) goes to a
+    temporary file in the same directory, which then takes the file's name."""
+    text = isinstance(content, str)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+    with open(tmp, "w" if text else "wb", encoding="utf-8" if text else None) as f:
+        if text:
+            f.write(content)
+        else:
+            torch.save(content, f)
+        f.flush()
+        os.fsync(f.fileno())                          # on the disk before it takes the name
     os.replace(tmp, path)
 
 
 def save_checkpoint(model, directory, **meta):
     """directory/config.json (model config + `meta`) and directory/model.pt (state dict)."""
     os.makedirs(directory, exist_ok=True)
-    config = {"model": model.cfg.to_dict(), **meta}
-    tmp = os.path.join(directory, f"config.json.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, os.path.join(directory, "config.json"))
-    save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                os.path.join(directory, "model.pt"))
+    write_atomic(os.path.join(directory, "config.json"),
+                 json.dumps({"model": model.cfg.to_dict(), **meta}, indent=2))
+    write_atomic(os.path.join(directory, "model.pt"),
+                 {k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
 def read_config(directory):

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 import decode
-from data import Corpus, collate, make_batches, pad_batch, remove_bpe, write_text_atomic
+from data import Corpus, collate, make_batches, pad_batch, remove_bpe
 from decode import NBest, bleu, decoders, ids_to_text, score_pairs, translate_ids
 from model import (EOS, PAD, build_model, count_parameters, model_config, precision_context,
-                   progress_bar, synchronize)
+                   progress_bar, synchronize, write_atomic)
 from train import TrainConfig, forward_backward, make_optimizer, optimizer_step
 
 
@@ -241,7 +241,7 @@ def write_outputs(directory, test, outputs):
         path = os.path.join(directory, f"{test.split}.{method}.txt")
         text = [test.text(out) if test.corpus.toy is not None else decode.detokenize(test.text(out))
                 for out in outs]
-        write_text_atomic(path, "".join(line + "\n" for line in text))
+        write_atomic(path, "".join(line + "\n" for line in text))
         paths.append(path)
     return paths
 

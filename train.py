@@ -18,6 +18,7 @@ import datetime
 import math
 import os
 import random
+import runpy
 import signal
 import sys
 import time
@@ -27,8 +28,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from data import collate, make_batches
-from model import (count_parameters, pick_device, precision_context, progress_bar, save_atomic,
-                   save_checkpoint)
+from model import (PRECISIONS, count_parameters, pick_device, precision_context, progress_bar,
+                   save_checkpoint, write_atomic)
+from options import option
 
 # torch.OutOfMemoryError is new in torch 2.5; older versions raise torch.cuda.OutOfMemoryError.
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
@@ -36,25 +38,40 @@ OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemo
 
 @dataclass
 class TrainConfig:
-    lr: float = 1e-3              # peak learning rate, reached after `warmup` steps
-    warmup: int = 4000
-    max_tokens: int = 4096        # token budget of one batch (padded source or target tokens)
-    ar_steps: int = 60000         # optimizer steps per AR model
-    nar_steps: int = 200000       # per NAR model (the paper trains NAR ~3x longer)
+    """How a model is trained. The fields declared with `option` are also options of `python
+    train.py`; where their command-line default is None, em_nat.py takes the preset's value."""
+    lr: float = option(1e-3, "peak learning rate, reached after --warmup steps (default: the "
+                             "preset's)", cli_default=None)
+    warmup: int = option(4000, "warm-up steps (default: the preset's)", cli_default=None)
+    max_tokens: int = option(4096, "token budget of a batch (padded source or target tokens; "
+                                   "default: the preset's)", cli_default=None)
+    ar_steps: int = option(60000, "optimizer steps per AR model (default: the preset's)",
+                           cli_default=None)
+    # the paper trains NAR ~3x longer
+    nar_steps: int = option(200000, "optimizer steps per NAR model (default: the preset's)",
+                            cli_default=None)
     clip: float = 1.0
     weight_decay: float = 1e-4
-    valid_every: int = 1000
-    # token-budget batches (per process) whose gradients make one update
-    update_freq: int = 1
-    # the stage's model: the "last" step's (official) or the "best" validation loss
-    final_model: str = "last"
-    # with "last": the mean of the last K checkpoints, one every valid_every
-    average_last: int = 1
-    dropout: float = None         # None: the model preset's dropout
+    valid_every: int = option(1000, "steps between validations (default: the preset's)",
+                              cli_default=None)
+    update_freq: int = option(1, "batches whose gradients make one update (per process; under "
+                                 "torchrun each of the N processes takes K batches: an update of N "
+                                 "x K batches)")
+    final_model: str = option("last", "each stage's model: the last step's (as the paper's "
+                                      "scripts), or the checkpoint of lowest validation loss "
+                                      "(misleading for NAR models trained on distilled targets)",
+                              choices=["last", "best"])
+    average_last: int = option(1, "with --final-model last: the mean of the last K checkpoints, "
+                                  "taken every --valid-every steps (as fairseq's "
+                                  "average_checkpoints.py)", metavar="K")
+    dropout: float = option(None, "dropout of every model (default: the preset's)")
     seed: int = 1
-    device: str = "cpu"
+    device: str = option("cpu", "cpu, cuda or mps (default: the best available; under torchrun "
+                                "each process takes the GPU of its local rank)", cli_default=None)
     # "bf16": autocast (model.resolve_precision picks it where the GPU has it)
-    precision: str = "fp32"
+    precision: str = option("fp32", "auto: bf16 autocast on a GPU with native bf16 (compute "
+                                    "capability 8.0+), else fp32", cli_default="auto",
+                            choices=PRECISIONS)
 
     def __post_init__(self):
         if self.final_model not in ("best", "last"):
@@ -258,11 +275,11 @@ def validation_loss(model, pairs, cfg):
 
 def save_resume_state(path, model, optimizer, scheduler, position):
     """Everything needed to continue a stage's loop exactly where it stopped."""
-    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "position": position,
-                 "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                path)
+    write_atomic(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "position": position,
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": (torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                                     else None)})
 
 
 def forward_backward(model, src, tgt, cfg, desc, normalizers=None):
@@ -403,8 +420,8 @@ def keep_checkpoint(model, out_dir, cfg, step, is_best, meta):
         if is_best:
             save_checkpoint(model, out_dir, **meta)
         return
-    save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                os.path.join(out_dir, f"step{step}.pt"))
+    write_atomic(os.path.join(out_dir, f"step{step}.pt"),
+                 {k: v.detach().cpu() for k, v in model.state_dict().items()})
     for old in step_checkpoint_paths(out_dir)[:-cfg.average_last]:
         os.remove(old)
 
@@ -542,7 +559,10 @@ def stop_processes():
         torch.distributed.destroy_process_group()
 
 
-# `python train.py`: the whole EM pipeline, whose command line is em_nat.py's
+# `python train.py` runs the whole EM pipeline: em_nat.py's command line, run as `python -m em_nat`
+# would run it. em_nat imports this file as the module `train`; registered under that name first,
+# this running copy (the module __main__) is the one it gets, so the file is loaded once. Run by
+# name, em_nat is the program, not a module the training loop imports.
 if __name__ == "__main__":
-    import em_nat
-    em_nat.main()
+    sys.modules["train"] = sys.modules["__main__"]
+    runpy.run_module("em_nat", run_name="__main__", alter_sys=True)

@@ -1,9 +1,9 @@
 """Tests import the flat top-level modules (model.py, data.py, ...) from the repository root.
 
-Classroom grading: a test marked `@pytest.mark.exercise(N)` grades exercise N (docs/classroom.md, "Exercises");
-`python -m pytest --exercise N` runs only those. With EM_NAT_GRADE_REPORT=path, the outcome of every
-grading test is written there as JSON (the teacher's classroom test reads it); a grading test that
-fails or is skipped has not passed: a skipped one graded nothing."""
+Classroom grading: a test marked `@pytest.mark.exercise(N)` grades exercise N (docs/classroom.md,
+"Exercises"); `python -m pytest --exercise N` runs only those. With EM_NAT_GRADE_REPORT=path, the
+outcome of every grading test is written there as JSON (the teacher's classroom test reads it); a
+grading test that fails or is skipped has not passed: a skipped one graded nothing."""
 import json
 import os
 import sys
@@ -20,7 +20,8 @@ GRADES = {}          # nodeid -> {"exercises": [...], "passed": bool}, for EM_NA
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "exercise(n, ...): this test grades exercise n (docs/classroom.md, Exercises)")
+    config.addinivalue_line("markers", "exercise(n, ...): this test grades exercise n "
+                                       "(docs/classroom.md, Exercises)")
 
 
 def graded_exercises(item):

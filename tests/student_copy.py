@@ -41,7 +41,8 @@ import sys
 from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = tuple(name for name in ("model.py", "data.py", "decode.py", "em_nat.py", "train.py", "report.py")
+MODULES = tuple(name for name in ("options.py", "model.py", "data.py", "decode.py", "em_nat.py", "train.py",
+                                  "report.py")
                 if os.path.isfile(os.path.join(ROOT, name)))
 PROJECT_FILES = ("requirements.txt", "pytest.ini")       # copied as they are (the modules: stubbed)
 # In tests/, never in a copy: the teacher's tools, and test_docs.py, which checks the project's README and

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from data import (BPE, DataError, ToyTask, Vocab, learn_bpe, load_corpus_dir, make_batches, make_toy_corpus,
-                  read_parallel, remove_bpe)
+from data import (BPE, DataError, ToyTask, Vocab, learn_bpe, load_corpus_dir, make_batches,
+                  make_toy_corpus, read_parallel, remove_bpe)
 from model import SPECIALS, UNK
 
 
@@ -35,9 +35,9 @@ def test_shuffled_batches_differ_between_epochs_but_are_reproducible():
 
 @pytest.mark.exercise(9)
 def test_bpe_learns_the_classic_merges():
-    # Sennrich et al. (2016), Fig. 1: low x5, lower x2, newest x6, widest x3. The end marker is glued
-    # to a word's last character, so: e s (9), es t</w> (9), l o (7), then three pairs of "newest"
-    # with 6 each (n e, e w, w est</w>), ties going to the smallest pair: e w.
+    # Sennrich et al. (2016), Fig. 1: low x5, lower x2, newest x6, widest x3. The end marker is
+    # glued to a word's last character, so: e s (9), es t</w> (9), l o (7), then three pairs of
+    # "newest" with 6 each (n e, e w, w est</w>), ties going to the smallest pair: e w.
     counts = {"low": 5, "lower": 2, "newest": 6, "widest": 3}
     assert learn_bpe(counts, 4) == [("e", "s"), ("es", "t</w>"), ("l", "o"), ("e", "w")]
 
@@ -108,7 +108,8 @@ def test_empty_and_overlong_pairs_are_dropped_and_counted(tmp_path):
         write(tmp_path / f"{split}.en", "x\ny\nz\n \n")
     messages = []
     corpus = load_corpus_dir(str(tmp_path), "de", "en", 0, 4, log=messages.append)
-    assert corpus.train == [(["a", "b"], ["x"])]                  # the 5-token source is over --max-len 4
+    # the 5-token source is over --max-len 4
+    assert corpus.train == [(["a", "b"], ["x"])]
     assert len(corpus.valid) == 2                                  # evaluation keeps long sentences
     assert any("2 pairs with an empty side dropped" in m for m in messages)
     assert any("dropped 1 pairs longer than 4" in m for m in messages)
@@ -133,11 +134,12 @@ def test_toy_corpus_is_reproducible_from_its_seed():
     assert make_toy_corpus(seed=4, train_size=50).train != a.train
 
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                      "iwslt14.de-en")
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                      "data", "iwslt14.de-en")
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data/iwslt14.de-en is absent (real data lives "
+@pytest.mark.skipif(not os.path.isdir(SHARED),
+                    reason="../shared/data/iwslt14.de-en is absent (real data lives "
                                                       "outside the repository)")
 def test_bpe_on_real_iwslt_text_round_trips_and_compresses():
     pairs, empty = read_parallel(os.path.join(SHARED, "valid.de"), os.path.join(SHARED, "valid.en"))

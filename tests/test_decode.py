@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import decode
-from decode import (BeamState, beam_step, ar_beam_search, ar_greedy, detokenize, length_penalty, length_window,
-                    nar_decode, npd_scores, odd_viterbi,
+from decode import (BeamState, beam_step, ar_beam_search, ar_greedy, detokenize, length_penalty,
+                    length_window, nar_decode, npd_scores, odd_viterbi,
                     nbest_ids, translate_ids, translate_lines, build_parser)
 from data import Vocab
 from model import BOS, EOS, PAD, UNK, ModelConfig, Transformer, SPECIALS
@@ -18,8 +18,8 @@ torch.set_num_threads(2)
 
 def tiny(kind, vocab_size=20, seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab_size, kind=kind, d_model=32, n_heads=4, d_ff=64, enc_layers=2,
-                      dec_layers=2, dropout=0.0, max_len=16, **kw)
+    cfg = ModelConfig(vocab_size=vocab_size, kind=kind, d_model=32, n_heads=4, d_ff=64,
+                      enc_layers=2, dec_layers=2, dropout=0.0, max_len=16, **kw)
     model = Transformer(cfg).eval()
     with torch.no_grad():                                     # sharper distributions than at init
         model.embed.weight.mul_(4.0)
@@ -60,24 +60,29 @@ def test_odd_removes_a_repeat_that_argmax_makes():
 @pytest.mark.exercise(4)
 def test_odd_needs_the_third_best_token_of_a_position():
     # Position 1's two best tokens (4 and 5) are its neighbours' choices: only its third best (6) is
-    # allowed, so a Viterbi over the top 2 tokens per position must give up a neighbour's best instead
-    # ([7, 4, 5], score -11.1) of the optimum [4, 6, 5] (score -3.2).
+    # allowed, so a Viterbi over the top 2 tokens per position must give up a neighbour's best
+    # instead ([7, 4, 5], score -11.1) of the optimum [4, 6, 5] (score -3.2).
     logp = torch.full((2, 3, 8), -20.0)
-    logp[:, 0, 4] = -0.1                                       # left neighbour: 4, far ahead of the rest
+    # left neighbour: 4, far ahead of the rest
+    logp[:, 0, 4] = -0.1
     logp[:, 2, 5] = -0.1                                       # right neighbour: 5
     logp[:, 1, 4], logp[:, 1, 5], logp[:, 1, 6] = -1.0, -2.0, -3.0
-    logp[:, 0, 7] = logp[:, 2, 7] = -10.0                      # the neighbours' second choices are poor
+    # the neighbours' second choices are poor
+    logp[:, 0, 7] = logp[:, 2, 7] = -10.0
     tokens, score = odd_viterbi(logp, torch.tensor([3, 2]))
-    assert tokens.tolist() == [[4, 6, 5], [4, 5, PAD]]        # row 2 has length 2: no right neighbour
+    # row 2 has length 2: no right neighbour
+    assert tokens.tolist() == [[4, 6, 5], [4, 5, PAD]]
     assert score.tolist() == pytest.approx([-3.2, -2.1])
 
 
 def decoding_log_probs(model, src_row, prefixes):
-    """Next-token log-probabilities (as decoders see them) after each prefix, by a full teacher-forced
-    pass: no cache, no batching of hypotheses across sentences. src_row: (1, src_len)."""
+    """Next-token log-probabilities (as decoders see them) after each prefix, by a full
+    teacher-forced pass: no cache, no batching of hypotheses across sentences. src_row: (1,
+    src_len)."""
     with torch.no_grad():
         enc, keep = model.encode(src_row.expand(len(prefixes), -1))
-        logits = model.ar_logits(torch.tensor([[BOS] + p for p in prefixes], dtype=torch.long), enc, keep)[:, -1]
+        logits = model.ar_logits(torch.tensor([[BOS] + p for p in prefixes],
+                                              dtype=torch.long), enc, keep)[:, -1]
     return model.decoding_log_probs(logits)   # (hypotheses, vocab)
 
 
@@ -91,14 +96,15 @@ def sequence_log_prob(model, src_row, seq):
 
 
 def reference_beam_search(model, src_row, beam, alpha, max_len):
-    return plain_beam_search(lambda prefixes: decoding_log_probs(model, src_row, prefixes), beam, alpha, max_len)
+    return plain_beam_search(lambda prefixes: decoding_log_probs(model, src_row, prefixes), beam,
+                             alpha, max_len)
 
 
 def plain_beam_search(next_log_probs, beam, alpha, max_len):
-    """The tests' slow reference for beam search with a finished set, for one sentence, on lists: the
-    `beam` best finished outputs as (tokens, score), best first. next_log_probs(prefixes) ->
-    (len(prefixes), vocab) log-probabilities of the next token. A student's copy holds no reference of
-    an exercise it cuts out: there this body is a skip, and so are the tests that need it."""
+    """The tests' slow reference for beam search with a finished set, for one sentence, on lists:
+    the `beam` best finished outputs as (tokens, score), best first. next_log_probs(prefixes) ->
+    (len(prefixes), vocab) log-probabilities of the next token. A student's copy holds no reference
+    of an exercise it cuts out: there this body is a skip, and so are the tests that need it."""
     # >>> exercise 6: beam search with a finished set
     # Each step: the 2*beam best extensions of the live hypotheses; those ending in <eos> join the
     # finished list (ranked by score / length penalty); the beam best others stay live. At max_len
@@ -117,7 +123,8 @@ def plain_beam_search(next_log_probs, beam, alpha, max_len):
         finished += [(seq[:-1], score / penalty(len(seq))) for seq, score in top if seq[-1] == EOS]
         finished = sorted(finished, key=lambda f: -f[1])[:beam]
         live = [(seq, score) for seq, score in top if seq[-1] != EOS][:beam]
-        if len(finished) == beam and (not live or live[0][1] / penalty(max_len + 1) <= finished[-1][1]):
+        if len(finished) == beam and (not live
+                                      or live[0][1] / penalty(max_len + 1) <= finished[-1][1]):
             break
     return finished
     # <<< exercise 6
@@ -129,7 +136,8 @@ def test_beam_search_equals_the_reference(beam, alpha):
     # A random tiny model, a batch of sources of different lengths with different length limits:
     # the batched search must return exactly the reference's N-best lists and scores.
     model = tiny("ar", vocab_size=12, seed=10 + beam)
-    src = torch.tensor([[4, 5, 6, 7, 8], [9, 10, PAD, PAD, PAD], [11, 4, 9, PAD, PAD], [6, 6, 6, 6, PAD]])
+    src = torch.tensor([[4, 5, 6, 7, 8], [9, 10, PAD, PAD, PAD], [11, 4, 9, PAD, PAD],
+                        [6, 6, 6, 6, PAD]])
     max_len = torch.tensor([6, 3, 5, 4])
     tokens, scores = ar_beam_search(model, src, beam=beam, alpha=alpha, nbest=beam, max_len=max_len)
     for row in range(src.size(0)):
@@ -147,7 +155,8 @@ def test_small_beam_in_a_large_output_space_equals_the_reference():
     tokens, scores = ar_beam_search(model, src, beam=3, alpha=1.0, nbest=3, max_len=max_len)
     for row in range(2):
         expected = reference_beam_search(model, src[row:row + 1], 3, 1.0, 8)
-        assert [[t for t in seq if t != PAD] for seq in tokens[row].tolist()] == [seq for seq, _ in expected]
+        assert [[t for t in seq
+                 if t != PAD] for seq in tokens[row].tolist()] == [seq for seq, _ in expected]
         assert scores[row].tolist() == pytest.approx([score for _, score in expected], abs=1e-5)
 
 
@@ -155,8 +164,8 @@ def test_beams_that_switch_parents_read_the_reordered_cache(monkeypatch):
     # The other real-model tests use sharpened tiny models whose beams almost never switch parent
     # hypotheses, so a search that never reordered the cache would pass them. Here, with the default
     # initialisation's flatter distributions, the beams do switch while live (step 1: sentence 0's
-    # new hypotheses come from its hypotheses [0, 2, 1]; several more later), and the search must still
-    # equal the reference, which recomputes every prefix from scratch without a cache.
+    # new hypotheses come from its hypotheses [0, 2, 1]; several more later), and the search must
+    # still equal the reference, which recomputes every prefix from scratch without a cache.
     model = tiny("ar", vocab_size=12, seed=0)
     with torch.no_grad():
         model.embed.weight.div_(4.0)                          # undo tiny's sharpening
@@ -167,7 +176,8 @@ def test_beams_that_switch_parents_read_the_reordered_cache(monkeypatch):
         new, rows = real_step(state, logits, step, k, alpha)
         for i, sentence in enumerate(state.index.tolist()):
             parents = (rows[i * k:(i + 1) * k] - i * k).tolist()
-            if step > 0 and bool((new.scores[i] > float("-inf")).all()) and parents != list(range(k)):
+            all_live = bool((new.scores[i] > float("-inf")).all())
+            if step > 0 and all_live and parents != list(range(k)):
                 switches.append((step, sentence, parents))
         return new, rows
 
@@ -176,7 +186,8 @@ def test_beams_that_switch_parents_read_the_reordered_cache(monkeypatch):
     assert switches, "no live beam switched parents: this test would not see a cache left unordered"
     for row in range(2):
         expected = reference_beam_search(model, src[row:row + 1], beam, 1.0, int(max_len[row]))
-        assert [[t for t in seq if t != PAD] for seq in tokens[row].tolist()] == [seq for seq, _ in expected]
+        assert [[t for t in seq
+                 if t != PAD] for seq in tokens[row].tolist()] == [seq for seq, _ in expected]
         assert scores[row].tolist() == pytest.approx([score for _, score in expected], abs=1e-5)
 
 
@@ -186,9 +197,10 @@ class HistoryLM:
     cache holds every token fed to row r so far, and reorder_cache / shrink_cache move those rows as
     model.py's do. So a beam step that returns the wrong rows, or a search that never reorders the
     cache, feeds a hypothesis another one's history and changes the output. Every sequence's
-    probability is known exactly (next_log_probs reads the prefix itself), and nothing of model.py is
-    used (so beam_step is graded on its own)."""
-    CONTEXTS = 97                                            # prefixes are hashed into this many rows
+    probability is known exactly (next_log_probs reads the prefix itself), and nothing of model.py
+    is used (so beam_step is graded on its own)."""
+    # prefixes are hashed into this many rows
+    CONTEXTS = 97
 
     def __init__(self, table):
         self.table = table                                   # (sentences, CONTEXTS, vocab) logits
@@ -207,7 +219,8 @@ class HistoryLM:
         return h
 
     def ar_step(self, token, step, enc, enc_keep, cache):
-        history = token[:, None] if cache["history"] is None else torch.cat([cache["history"], token[:, None]], 1)
+        history = token[:, None] if cache["history"] is None else torch.cat(
+            [cache["history"], token[:, None]], 1)
         assert history.size(1) == step + 1, "the cache must grow by one step per call"
         cache["history"] = history
         sentence = enc[:, 0, 0].long().repeat_interleave(token.size(0) // enc.size(0))
@@ -232,8 +245,9 @@ def history_lm(sentences, vocab_size, seed):
 
 
 # Known answers of beam search on history_lm(3, 8, seed=beam) for the sources and length limits of
-# BEAM_CASE: {(beam, alpha): per sentence, its `beam` best outputs and scores, best first}. They were
-# computed by plain_beam_search, and test_the_known_answers_are_the_references checks that they still are.
+# BEAM_CASE: {(beam, alpha): per sentence, its `beam` best outputs and scores, best first}. They
+# were computed by plain_beam_search, and test_the_known_answers_are_the_references checks that they
+# still are.
 BEAM_CASE = ([[0, 5], [1, 4], [2, PAD]], [5, 2, 4])
 BEAM_ANSWERS = {
     (1, 1.0): [
@@ -252,9 +266,12 @@ BEAM_ANSWERS = {
         [([4, 7, 5, 5], -1.16697), ([4, 7, 6], -1.37262), ([], -1.51594)],
     ],
     (5, 0.6): [
-        [([4], -0.51957), ([4, 5, 5], -3.29726), ([4, 4], -3.71156), ([4, 6, 4], -3.73777), ([6, 4, 4, 4], -3.9131)],
-        [([5], -1.00837), ([], -1.69478), ([5, 7], -2.27787), ([5, 6], -4.54709), ([5, 4], -4.70839)],
-        [([], -0.98792), ([5, 5], -2.76848), ([4, 5, 6, 5], -2.90781), ([4, 5], -2.95872), ([4, 5, 6], -3.19295)],
+        [([4], -0.51957), ([4, 5, 5], -3.29726), ([4, 4], -3.71156), ([4, 6, 4], -3.73777),
+         ([6, 4, 4, 4], -3.9131)],
+        [([5], -1.00837), ([], -1.69478), ([5, 7], -2.27787), ([5, 6], -4.54709),
+         ([5, 4], -4.70839)],
+        [([], -0.98792), ([5, 5], -2.76848), ([4, 5, 6, 5], -2.90781), ([4, 5], -2.95872),
+         ([4, 5, 6], -3.19295)],
     ],
 }
 
@@ -266,9 +283,11 @@ def test_beam_search_on_a_history_model_gives_the_known_answers(beam, alpha):
     src, max_len = torch.tensor(BEAM_CASE[0]), torch.tensor(BEAM_CASE[1])
     tokens, scores = ar_beam_search(lm, src, beam=beam, alpha=alpha, nbest=beam, max_len=max_len)
     for row, expected in enumerate(BEAM_ANSWERS[beam, alpha]):
-        assert [[t for t in seq if t != PAD] for seq in tokens[row].tolist()] == [seq for seq, _ in expected], \
+        assert [[t for t in seq
+                 if t != PAD] for seq in tokens[row].tolist()] == [seq for seq, _ in expected], \
             f"sentence {row}"
-        assert scores[row].tolist() == pytest.approx([score for _, score in expected], abs=1e-4), f"sentence {row}"
+        assert scores[row].tolist() == pytest.approx([score for _, score in expected],
+                                                     abs=1e-4), f"sentence {row}"
 
 
 @pytest.mark.parametrize("beam, alpha", list(BEAM_ANSWERS))
@@ -277,7 +296,8 @@ def test_the_known_answers_are_the_references(beam, alpha):
     for row, expected in enumerate(BEAM_ANSWERS[beam, alpha]):
         got = plain_beam_search(lambda p: lm.next_log_probs(row, p), beam, alpha, BEAM_CASE[1][row])
         assert [seq for seq, _ in got] == [seq for seq, _ in expected]
-        assert [score for _, score in got] == pytest.approx([score for _, score in expected], abs=1e-4)
+        assert [score for _, score in got] == pytest.approx([score for _, score in expected],
+                                                            abs=1e-4)
 
 
 @pytest.mark.exercise(6)
@@ -291,31 +311,38 @@ def test_a_wide_beam_on_a_history_model_returns_the_brute_force_nbest():
     for row in range(2):
         def normalised(seq):
             logp = lm.next_log_probs(row, [seq[:i] for i in range(len(seq) + 1)])
-            return float(logp.gather(1, torch.tensor(seq + [EOS])[:, None]).sum()) / ((5 + len(seq) + 1) / 6)
+            return float(logp.gather(1, torch.tensor(seq + [EOS])[:, None]).sum()) / (
+                (5 + len(seq) + 1) / 6)
         best = sorted(outputs, key=normalised, reverse=True)[:10]
         assert [[t for t in seq if t != PAD] for seq in tokens[row].tolist()] == best
         assert scores[row].tolist() == pytest.approx([normalised(s) for s in best], abs=1e-5)
 
 
 def two_sentence_state(tokens, scores, max_len=(10, 10)):
-    """A BeamState of 2 sentences with beam 2, at step tokens.size(1) - 1, with empty finished sets."""
+    """A BeamState of 2 sentences with beam 2, at step tokens.size(1) - 1, with empty finished
+    sets."""
     max_len = torch.tensor(max_len)
     return BeamState(index=torch.tensor([0, 1]), max_len=max_len, shortest_limit=int(max_len.min()),
                      bound=length_penalty(max_len + 1, 1.0), tokens=torch.tensor(tokens),
-                     scores=torch.tensor(scores), fin_tokens=torch.full((2, 2, int(max_len.max()) + 1), PAD),
+                     scores=torch.tensor(scores),
+                     fin_tokens=torch.full((2, 2, int(max_len.max()) + 1), PAD),
                      fin_scores=torch.full((2, 2), float("-inf")))
 
 
 @pytest.mark.exercise(6)
 def test_beam_step_returns_the_rows_the_live_hypotheses_came_from():
-    # Rows are flat over all sentences: hypothesis j of sentence i is row i * beam + j. In sentence 1
-    # both new live hypotheses extend its second hypothesis (row 3); in sentence 0 they swap parents.
+    # Rows are flat over all sentences: hypothesis j of sentence i is row i * beam + j. In sentence
+    # 1 both new live hypotheses extend its second hypothesis (row 3); in sentence 0 they swap
+    # parents.
     logits = torch.full((4, 7), float("-inf"))
     logits[:, EOS] = -5.0
-    logits[0, 4], logits[1, 5] = 0.0, 0.0                      # sentence 0: each parent has one good token
+    # sentence 0: each parent has one good token
+    logits[0, 4], logits[1, 5] = 0.0, 0.0
     logits[2, 4] = -5.0
-    logits[3, 5], logits[3, 6] = 0.0, -0.5                     # sentence 1: its second parent has two
-    state = two_sentence_state([[BOS, 6], [BOS, 4], [BOS, 4], [BOS, 6]], [[-2.0, -1.0], [-3.0, -1.0]])
+    # sentence 1: its second parent has two
+    logits[3, 5], logits[3, 6] = 0.0, -0.5
+    state = two_sentence_state([[BOS, 6], [BOS, 4], [BOS, 4], [BOS, 6]],
+                               [[-2.0, -1.0], [-3.0, -1.0]])
     state, rows = beam_step(state, logits, 1, 2, 1.0)
     assert rows.tolist() == [1, 0, 3, 3]
     assert state.tokens.tolist() == [[BOS, 4, 5], [BOS, 6, 4], [BOS, 6, 5], [BOS, 6, 6]]
@@ -325,13 +352,13 @@ def test_beam_step_returns_the_rows_the_live_hypotheses_came_from():
 
 @pytest.mark.exercise(6)
 def test_the_forced_eos_keeps_its_real_log_probability_and_a_done_sentence_has_no_live_score():
-    # Sentence 0 is at its length limit (2 tokens): only <eos> may follow, at its log-probability under
-    # the whole distribution (normalised before the other tokens are forbidden), not at log 1 = 0.
-    # Its search is then done: every live score of a done sentence is -inf. Sentence 1 goes on.
+    # Sentence 0 is at its length limit (2 tokens): only <eos> may follow, at its log-probability
+    # under the whole distribution (normalised before the other tokens are forbidden), not at log 1
+    # = 0. Its search is then done: every live score of a done sentence is -inf. Sentence 1 goes on.
     logits = torch.zeros(4, 7)
     logits[:, [PAD, BOS, UNK]] = float("-inf")                 # 4 emittable tokens: <eos>, 4, 5, 6
-    state = two_sentence_state([[BOS, 4, 5], [BOS, 5, 4], [BOS, 4, 5], [BOS, 5, 4]], [[-1.0, -2.0], [-1.0, -2.0]],
-                               max_len=(2, 10))
+    state = two_sentence_state([[BOS, 4, 5], [BOS, 5, 4], [BOS, 4, 5], [BOS, 5, 4]],
+                               [[-1.0, -2.0], [-1.0, -2.0]], max_len=(2, 10))
     state, _ = beam_step(state, logits, 2, 2, 1.0)
     penalty = float(length_penalty(3, 1.0))
     assert state.fin_scores[0].tolist() == pytest.approx([(-1.0 - math.log(4)) / penalty,
@@ -345,13 +372,15 @@ def test_the_forced_eos_keeps_its_real_log_probability_and_a_done_sentence_has_n
 @pytest.mark.parametrize("worst_finished, done", [(-2.5, False), (-0.2, True)])
 def test_stop_rule_is_exact(worst_finished, done):
     # Known answer for the stop rule. Live raw scores -3 and -4 at step 2; every next token (4, 5 or
-    # <eos>) costs log 3. Best live extension: -3 - log 3 = -4.10; with alpha 1.4 and at most 10 tokens
-    # (11 with <eos>) it can still reach -4.10 / ((5 + 11) / 6)^1.4 = -1.04. That beats a worst finished
-    # score of -2.5 (keep searching, although -4.10 < -2.5: a raw-score test would stop), not -0.2.
+    # <eos>) costs log 3. Best live extension: -3 - log 3 = -4.10; with alpha 1.4 and at most 10
+    # tokens (11 with <eos>) it can still reach -4.10 / ((5 + 11) / 6)^1.4 = -1.04. That beats a
+    # worst finished score of -2.5 (keep searching, although -4.10 < -2.5: a raw-score test would
+    # stop), not -0.2.
     logits = torch.full((2, 6), float("-inf"))
     logits[:, [EOS, 4, 5]] = 0.0
     state = BeamState(index=torch.tensor([0]), max_len=torch.tensor([10]), shortest_limit=10,
-                      bound=length_penalty(torch.tensor([11]), 1.4), tokens=torch.tensor([[BOS, 4, 5], [BOS, 5, 4]]),
+                      bound=length_penalty(torch.tensor([11]), 1.4),
+                      tokens=torch.tensor([[BOS, 4, 5], [BOS, 5, 4]]),
                       scores=torch.tensor([[-3.0, -4.0]]), fin_tokens=torch.full((1, 2, 11), PAD),
                       fin_scores=torch.tensor([[-0.1, worst_finished]]))
     state, _ = beam_step(state, logits, 2, 2, 1.4)
@@ -368,7 +397,8 @@ def test_large_beam_finds_the_brute_force_best(alpha):
     tokens, scores = ar_beam_search(model, src, beam=64, alpha=alpha, max_len=max_len)
     candidates = [list(seq) for n in range(4) for seq in itertools.product([4, 5, 6], repeat=n)]
     for row in range(2):
-        normalised = [sequence_log_prob(model, src[row:row + 1], c) / float(length_penalty(torch.tensor(len(c) + 1),
+        normalised = [sequence_log_prob(model, src[row:row + 1],
+                                        c) / float(length_penalty(torch.tensor(len(c) + 1),
                                                                                            alpha))
                       for c in candidates]
         best = max(range(len(candidates)), key=lambda i: normalised[i])
@@ -390,14 +420,16 @@ def test_outputs_may_hold_max_len_tokens():
 
 
 def test_decoders_never_emit_special_tokens():
-    # A model that puts almost all mass on <pad>, <bos> and <unk>: decoders must still emit real tokens.
+    # A model that puts almost all mass on <pad>, <bos> and <unk>: decoders must still emit real
+    # tokens.
     ar, nar = tiny("ar", seed=8), tiny("nar", seed=8)
     for model in (ar, nar):
         with torch.no_grad():
             model.out_bias[[PAD, BOS, UNK]] = 50.0
     src = torch.randint(4, 20, (4, 6), generator=torch.Generator().manual_seed(5))
     outputs = [ar_greedy(ar, src), ar_beam_search(ar, src, beam=4, nbest=4)[0],
-               nar_decode(nar, src), nar_decode(nar, src, odd=False), nar_decode(nar, src, length_beam=3, rescorer=ar)]
+               nar_decode(nar, src), nar_decode(nar, src, odd=False),
+               nar_decode(nar, src, length_beam=3, rescorer=ar)]
     for out in outputs:
         assert not torch.isin(out, torch.tensor([BOS, UNK, EOS])).any()
         assert (out != PAD).any()
@@ -415,11 +447,14 @@ def test_scoring_masks_no_token_of_the_target():
 def test_nbest_is_sorted_distinct_and_scored_right():
     model = tiny("ar", vocab_size=7, seed=3)
     src = torch.tensor([[4, 5, 6, 4]])
-    tokens, scores = ar_beam_search(model, src, beam=8, nbest=8, alpha=1.0, max_len=torch.tensor([4]))
+    tokens, scores = ar_beam_search(model, src, beam=8, nbest=8, alpha=1.0,
+                                    max_len=torch.tensor([4]))
     seqs = [[t for t in row if t != PAD] for row in tokens[0].tolist()]
     assert len({tuple(s) for s in seqs}) == 8
     assert scores[0].tolist() == sorted(scores[0].tolist(), reverse=True)
-    direct = [sequence_log_prob(model, src, s) / float(length_penalty(torch.tensor(len(s) + 1), 1.0)) for s in seqs]
+    direct = [sequence_log_prob(model, src,
+                                s) / float(length_penalty(torch.tensor(len(s) + 1), 1.0))
+              for s in seqs]
     assert scores[0].tolist() == pytest.approx(direct, abs=1e-4)
 
 
@@ -428,7 +463,8 @@ def test_nbest_is_sorted_distinct_and_scored_right():
     (2, 5, [1, 2, 3, 4, 5]),
     (8, 5, [6, 7, 8, 9, 10]),         # centred
     (8, 4, [6, 7, 8, 9]),
-    (15, 5, [12, 13, 14, 15, 16]),    # upper edge (max_len 16): shifted down, still 5 distinct lengths
+    # upper edge (max_len 16): shifted down, still 5 distinct lengths
+    (15, 5, [12, 13, 14, 15, 16]),
     (16, 9, [8, 9, 10, 11, 12, 13, 14, 15, 16]),
     (16, 1, [16]),
 ])
@@ -446,9 +482,10 @@ def test_npd_scores_known_answer():
             return torch.tensor([-3.0, -6.0])
 
     tokens = torch.tensor([[4, 5, PAD, PAD], [4, 5, 6, 7]])
-    got = npd_scores(Rescorer(), torch.ones(2, 3, dtype=torch.long), tokens, torch.tensor([2, 4]), 1.0)
+    candidates = torch.ones(2, 3, dtype=torch.long)
+    got = npd_scores(Rescorer(), candidates, tokens, torch.tensor([2, 4]), 1.0)
     assert got.tolist() == pytest.approx([-3.0 / (8 / 6), -6.0 / (10 / 6)])
-    got = npd_scores(Rescorer(), torch.ones(2, 3, dtype=torch.long), tokens, torch.tensor([2, 4]), 0.0)
+    got = npd_scores(Rescorer(), candidates, tokens, torch.tensor([2, 4]), 0.0)
     assert got.tolist() == pytest.approx([-3.0, -6.0])
 
 
@@ -465,7 +502,8 @@ def test_nar_decodes_the_window_at_both_edges():
     nar = tiny("nar", seed=1)
     src = torch.randint(4, 20, (2, 5), generator=torch.Generator().manual_seed(0))
     for center, wanted in ((1, 5), (2, 1), (16, 12), (15, 16)):
-        out = nar_decode(nar, src, length_beam=5, rescorer=LikesLength(wanted), lengths=torch.tensor([center] * 2))
+        out = nar_decode(nar, src, length_beam=5, rescorer=LikesLength(wanted),
+                         lengths=torch.tensor([center] * 2))
         assert (out != PAD).sum(1).tolist() == [wanted, wanted]
 
 
@@ -478,7 +516,8 @@ def test_nar_length_beam_with_rescoring_picks_the_best_candidate():
         best, best_score = None, float("-inf")
         for length in (int(center[row]) - 1, int(center[row]), int(center[row]) + 1):
             cand = nar_decode(nar, src[row:row + 1], lengths=torch.tensor([length]))
-            score = float(ar.score(src[row:row + 1], cand)) / float(length_penalty(torch.tensor(length + 1), 1.0))
+            score = float(ar.score(src[row:row + 1],
+                                   cand)) / float(length_penalty(torch.tensor(length + 1), 1.0))
             if score > best_score:
                 best, best_score = cand[0].tolist(), score
         got = chosen[row].tolist()
@@ -486,22 +525,23 @@ def test_nar_length_beam_with_rescoring_picks_the_best_candidate():
 
 
 def test_npd_scores_each_candidate_with_its_own_source():
-    # A stand-in rescorer that wants, for each source, the length its first token says (token - 3): the
-    # candidates of a sentence must be scored against that sentence's source, not another's.
+    # A stand-in rescorer that wants, for each source, the length its first token says (token - 3):
+    # the candidates of a sentence must be scored against that sentence's source, not another's.
     class WantsTheLengthOfItsSource:
         def score(self, src, tokens):
             return torch.where((tokens != PAD).sum(1) == src[:, 0] - 3, 0.0, -100.0)
 
     nar = tiny("nar", seed=1)
     src = torch.tensor([[7, 5, 6], [11, 4, 9], [9, 9, 9], [8, 4, PAD]])      # wanted: 4, 8, 6, 5
-    out = nar_decode(nar, src, length_beam=5, rescorer=WantsTheLengthOfItsSource(), lengths=torch.tensor([6] * 4))
+    out = nar_decode(nar, src, length_beam=5, rescorer=WantsTheLengthOfItsSource(),
+                     lengths=torch.tensor([6] * 4))
     assert (out != PAD).sum(1).tolist() == [4, 8, 6, 5]
 
 
 def test_nar_length_beam_without_a_rescorer_picks_by_the_nar_score():
-    # Without a rescorer each length candidate is scored by the NAR model itself: log p(T|x) plus its
-    # tokens' log-probabilities, each sentence with its own length distribution. The length head is
-    # sharpened so that the sentences' length predictions differ and decide the pick.
+    # Without a rescorer each length candidate is scored by the NAR model itself: log p(T|x) plus
+    # its tokens' log-probabilities, each sentence with its own length distribution. The length head
+    # is sharpened so that the sentences' length predictions differ and decide the pick.
     nar = tiny("nar", seed=3)
     with torch.no_grad():
         nar.length_head.weight.mul_(8.0)
@@ -516,8 +556,10 @@ def test_nar_length_beam_without_a_rescorer_picks_by_the_nar_score():
         for length in range(int(center[row]) - 1, int(center[row]) + 2):
             cand = nar_decode(nar, src[row:row + 1], lengths=torch.tensor([length]))[:, :length]
             with torch.no_grad():
-                logp = nar.decoding_log_probs(nar.nar_logits(torch.tensor([length]), enc, keep))[0, :length]
-            scored.append((float(len_logp[length] + logp.gather(1, cand[0][:, None]).sum()), cand[0].tolist()))
+                logp = nar.decoding_log_probs(nar.nar_logits(torch.tensor([length]), enc,
+                                                             keep))[0, :length]
+            scored.append((float(len_logp[length] + logp.gather(1, cand[0][:, None]).sum()),
+                           cand[0].tolist()))
         best = max(scored)[1]
         got = chosen[row].tolist()
         assert got[:len(best)] == best and all(t == PAD for t in got[len(best):])
@@ -538,7 +580,8 @@ def test_nar_uses_the_predicted_length():
 def test_batched_decoding_equals_one_sentence_at_a_time(method):
     model = tiny("nar" if method == "nar" else "ar", seed=5)
     g = torch.Generator().manual_seed(4)
-    sources = [torch.randint(4, 20, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (17,), generator=g)]
+    sources = [torch.randint(4, 20, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 12, (17,), generator=g)]
     batched = translate_ids(model, sources, method=method, beam=4, max_tokens=64)
     single = [translate_ids(model, [s], method=method, beam=4, max_tokens=64)[0] for s in sources]
     assert batched == single
@@ -560,10 +603,13 @@ def test_detokenize_known_answers():
 
 
 def test_one_candidate_is_a_list_of_one():
-    # --candidates 1: the N-best of beam 1 is the beam-1 translation, in the same list-of-lists shape.
+    # --candidates 1: the N-best of beam 1 is the beam-1 translation, in the same list-of-lists
+    # shape.
     model = tiny("ar", seed=5)
     sources = [[4, 5, 6], [7, 8], [9, 10, 11, 12]]
-    assert nbest_ids(model, sources, 1)[0] == [[t] for t in translate_ids(model, sources, method="beam", beam=1)]
+    assert nbest_ids(model, sources, 1)[0] == [[t]
+                                               for t in translate_ids(
+                                                   model, sources, method="beam", beam=1)]
     candidates, scores = nbest_ids(model, sources, 3)
     assert [len(c) for c in candidates] == [len(s) for s in scores] == [3, 3, 3]
     assert all(s == sorted(s, reverse=True) for s in scores)

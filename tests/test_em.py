@@ -13,41 +13,53 @@ import torch
 import em_nat
 import report
 import train
-from decode import nbest_ids
+from decode import NBest, nbest_ids
 from model import ModelConfig, Transformer
 
 torch.set_num_threads(2)
 
 
+def nar_choice(run, nar, sources, sets):
+    """The E-step's selection by the NAR model (exercise 7): in each set, the candidate of highest
+    NAR likelihood; (the selected targets, their scores)."""
+    return em_nat.best_candidates(sets, em_nat.candidate_nar_scores(run, nar, sources, sets))
+
+
 @pytest.mark.exercise(7)
 def test_selection_keeps_the_candidate_with_the_highest_nar_score():
     torch.manual_seed(0)
-    nar = Transformer(ModelConfig(vocab_size=12, kind="nar", d_model=32, n_heads=4, d_ff=64, enc_layers=1,
-                                  dec_layers=1, dropout=0.0, max_len=10)).eval()
-    nar.length_logits = lambda enc: 3 * enc[:, 0, :11]       # a length classifier of its own (not exercise 1's)
+    nar = Transformer(ModelConfig(vocab_size=12, kind="nar", d_model=32, n_heads=4, d_ff=64,
+                                  enc_layers=1, dec_layers=1, dropout=0.0, max_len=10)).eval()
+    # a length classifier of its own (not exercise 1's)
+    nar.length_logits = lambda enc: 3 * enc[:, 0, :11]
     without_exercise_2(nar)
     rng = random.Random(0)
     sources = [[rng.randint(4, 11) for _ in range(rng.randint(2, 6))] for _ in range(7)]
-    candidates = [[[rng.randint(4, 11) for _ in range(rng.randint(1, 7))] for _ in range(5)] for _ in sources]
-    candidates[0][2] = []                                      # an empty AR output can never be chosen
+    candidates = [[[rng.randint(4, 11) for _ in range(rng.randint(1, 7))] for _ in range(5)]
+                  for _ in sources]
+    # an empty AR output can never be chosen
+    candidates[0][2] = []
     run = types.SimpleNamespace(decode_tokens=64, device="cpu", precision="fp32")
-    selected, scores = em_nat.select_by_nar_likelihood(run, nar, sources, candidates)
+    selected, scores = nar_choice(run, nar, sources, candidates)
     for src, cands, chosen, score in zip(sources, candidates, selected, scores):
-        direct = [float(nar.score(torch.tensor([src]), torch.tensor([c]))) if c else float("-inf") for c in cands]
+        direct = [float(nar.score(torch.tensor([src]), torch.tensor([c]))) if c else float("-inf")
+                  for c in cands]
         assert chosen == cands[max(range(len(cands)), key=direct.__getitem__)]
         assert abs(score - max(direct)) < 1e-4
 
 
 class TableNAR:
     """A stand-in NAR model for the E-step with known scores: log p(T|x) = bonus[T] and
-    log p(y_t|x, T) = w[x_0, y_t] (log-probability tables), so score(x, y) = bonus[|y|] + sum_t w[x_0, y_t].
-    It answers both ways a selection may compute the score: score(src, tgt), as Transformer.score, or
-    by hand from encode / length_logits / nar_logits (its logits are already log-probabilities)."""
+    log p(y_t|x, T) = w[x_0, y_t] (log-probability tables), so score(x, y) = bonus[|y|] + sum_t
+    w[x_0, y_t]. It answers both ways a selection may compute the score: score(src, tgt), as
+    Transformer.score, or by hand from encode / length_logits / nar_logits (its logits are already
+    log-probabilities)."""
 
     def __init__(self, seed):
         g = torch.Generator().manual_seed(seed)
         raw = torch.randint(-32, 32, (12, 12), generator=g) / 8
-        raw[:, 7] = raw[:, 5]                        # tokens 5 and 7 equally likely: exact ties exist
+        # tokens 5 and 7 equally likely: exact ties exist
+        raw[:, 7] = raw[:, 5]
         self.w = raw.log_softmax(-1)
         self.bonus = (torch.randint(-32, 32, (11,), generator=g) / 8).log_softmax(-1)
         self.cfg = types.SimpleNamespace(max_len=10, kind="nar")
@@ -71,7 +83,8 @@ class TableNAR:
         return self.w[enc[:, 0]][:, None, :].expand(-1, t, -1)
 
     def direct(self, src, cand):
-        return float(sum(self.w[src[0], y] for y in cand) + self.bonus[len(cand)]) if cand else float("-inf")
+        return float(sum(self.w[src[0], y]
+                         for y in cand) + self.bonus[len(cand)]) if cand else float("-inf")
 
 
 @pytest.mark.exercise(7)
@@ -79,14 +92,19 @@ class TableNAR:
 def test_selection_by_a_stand_in_nar_model(seed):
     nar, rng = TableNAR(seed), random.Random(seed)
     sources = [[rng.randint(4, 11) for _ in range(rng.randint(1, 6))] for _ in range(9)]
-    sets = [[[rng.randint(4, 11) for _ in range(rng.randint(1, 7))] for _ in range(rng.randint(1, 5))]
+    sets = [[[rng.randint(4, 11) for _ in range(rng.randint(1, 7))]
+             for _ in range(rng.randint(1, 5))]
             for _ in sources]
-    sets[0][-1] = []                                         # an empty AR output can never be chosen
+    # an empty AR output can never be chosen
+    sets[0][-1] = []
     sets[1] = [[]]                                           # ... unless it is all there is
-    sets[2] = [[6, 5, 8], [6, 7, 8], [6, 5, 8, 9, 9, 9, 9, 9, 9, 9, 9]]   # an exact tie: the first; too long
-    sets[3] = [[4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]]            # longer than max_len: cannot be scored, kept
-    run = types.SimpleNamespace(decode_tokens=24, device="cpu", precision="fp32")    # several batches
-    selected, scores = em_nat.select_by_nar_likelihood(run, nar, sources, sets)
+    # an exact tie: the first; too long
+    sets[2] = [[6, 5, 8], [6, 7, 8], [6, 5, 8, 9, 9, 9, 9, 9, 9, 9, 9]]
+    # longer than max_len: cannot be scored, kept
+    sets[3] = [[4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]]
+    # several batches
+    run = types.SimpleNamespace(decode_tokens=24, device="cpu", precision="fp32")
+    selected, scores = nar_choice(run, nar, sources, sets)
     assert selected[2] == [6, 5, 8] and selected[1] == [] and selected[3] == sets[3][0]
     for src, cands, chosen, score in zip(sources, sets, selected, scores):
         direct = [nar.direct(src, c) if len(c) <= 10 else float("-inf") for c in cands]
@@ -98,8 +116,8 @@ def test_selection_by_a_stand_in_nar_model(seed):
 
 def tiny_nar(seed=0, sharpness=4.0):
     torch.manual_seed(seed)
-    nar = Transformer(ModelConfig(vocab_size=20, kind="nar", d_model=32, n_heads=4, d_ff=64, enc_layers=1,
-                                  dec_layers=1, dropout=0.0, max_len=10)).eval()
+    nar = Transformer(ModelConfig(vocab_size=20, kind="nar", d_model=32, n_heads=4, d_ff=64,
+                                  enc_layers=1, dec_layers=1, dropout=0.0, max_len=10)).eval()
     with torch.no_grad():
         nar.embed.weight.mul_(sharpness)
     return without_exercise_2(nar)
@@ -123,37 +141,44 @@ def token_log_probs(nar, src, length):
 
 def select(nar, src, candidates):
     run = types.SimpleNamespace(decode_tokens=64, device="cpu", precision="fp32")
-    return em_nat.select_by_nar_likelihood(run, nar, [src], [candidates])[0][0]
+    return nar_choice(run, nar, [src], [candidates])[0][0]
 
 
 @pytest.mark.exercise(7)
 @torch.no_grad()
 def test_selection_decided_by_the_length_term_alone():
-    # The length classifier is made to be sure of length 3. The best 2-token candidate has the higher
-    # token log-likelihood, but the full score log p(T|x) + sum_t log p(y_t|x,T) picks the 3-token one.
+    # The length classifier is made to be sure of length 3. The best 2-token candidate has the
+    # higher token log-likelihood, but the full score log p(T|x) + sum_t log p(y_t|x,T) picks the
+    # 3-token one.
     nar, src = tiny_nar(), [4, 5, 6, 7]
-    nar.length_logits = lambda enc: torch.zeros(enc.size(0), 11).index_fill(1, torch.tensor([3]), 30.0)
+    nar.length_logits = lambda enc: torch.zeros(enc.size(0), 11).index_fill(
+        1, torch.tensor([3]), 30.0)
     short = token_log_probs(nar, src, 2).argmax(-1).tolist()
     long = token_log_probs(nar, src, 3).argmax(-1).tolist()
-    token_sum = lambda c: float(token_log_probs(nar, src, len(c)).gather(1, torch.tensor(c)[:, None]).sum())
-    assert token_sum(short) > token_sum(long)                    # without the length term: short wins
+    token_sum = lambda c: float(
+        token_log_probs(nar, src, len(c)).gather(1, torch.tensor(c)[:, None]).sum())
+    # without the length term: short wins
+    assert token_sum(short) > token_sum(long)
     assert select(nar, src, [short, long]) == long
 
 
 @pytest.mark.exercise(7)
 @torch.no_grad()
 def test_selection_is_not_length_normalised():
-    # Lengths 1 and 4 equally likely. A 1-token candidate whose total score beats a 4-token one while
-    # its score per token is worse: the un-normalised score (official score_nat.py) keeps the short one.
+    # Lengths 1 and 4 equally likely. A 1-token candidate whose total score beats a 4-token one
+    # while its score per token is worse: the un-normalised score (official score_nat.py) keeps the
+    # short one.
     nar, src = tiny_nar(seed=1, sharpness=1.0), [4, 9, 13]
-    nar.length_logits = lambda enc: torch.full((enc.size(0), 11), -1e4).index_fill(1, torch.tensor([1, 4]), 0.0)
+    nar.length_logits = lambda enc: torch.full((enc.size(0),
+                                                11), -1e4).index_fill(1, torch.tensor([1, 4]), 0.0)
     length_term = -math.log(2)
     long_lp = token_log_probs(nar, src, 4)
     long = long_lp.argmax(-1).tolist()
     long_total = length_term + float(long_lp.max(-1).values.sum())
     one = token_log_probs(nar, src, 1)[0]
     shorts = [[y] for y in range(4, 20)
-              if long_total < length_term + float(one[y]) < long_total / 4]   # better total, worse per token
+              # better total, worse per token
+              if long_total < length_term + float(one[y]) < long_total / 4]
     assert shorts, "the test needs such a candidate; change the seed"
     assert select(nar, src, [long, shorts[0]]) == shorts[0]
     assert select(nar, src, [shorts[0], long]) == shorts[0]
@@ -165,14 +190,16 @@ def test_alignment_entropy_known_answers():
     consistent, two_ways = [], []
     for _ in range(400):
         src = rng.sample(words, 4)
-        consistent.append((src, [w + 100 for w in src]))                     # one translation per word
+        # one translation per word
+        consistent.append((src, [w + 100 for w in src]))
         two_ways.append((src, [w + rng.choice([100, 200]) for w in src]))    # two, chosen at random
     assert report.alignment_entropy(consistent) < 0.05
     assert abs(report.alignment_entropy(two_ways) - 1.0) < 0.1
 
 
-TINY = ["--toy-train-size", "300", "--ar-steps", "60", "--nar-steps", "40", "--valid-every", "20", "--warmup", "20",
-        "--em-iterations", "2", "--candidates", "4", "--speed-sentences", "3", "--device", "cpu"]
+TINY = ["--toy-train-size", "300", "--ar-steps", "60", "--nar-steps", "40", "--valid-every", "20",
+        "--warmup", "20", "--em-iterations", "2", "--candidates", "4", "--speed-sentences", "3",
+        "--device", "cpu"]
 
 
 STAGES = ["ar", "nar-raw", "nar-kd", "em1-ar", "em1-nar", "em2-ar", "em2-nar"]
@@ -204,7 +231,9 @@ def test_pipeline_artefacts_and_resume(tmp_path, monkeypatch):
         for name in ("model.pt", "config.json", "vocab.txt", "result.json", "train.tgt"):
             assert os.path.isfile(tmp_path / "full" / stage / name), (stage, name)
         assert not os.path.exists(tmp_path / "full" / stage / "resume.pt")
-        for decoder in (["beam"] if stage == "ar" or stage.endswith("-ar") else ["argmax", "ODD", "NPD"]):   # the test outputs
+        # the test outputs
+        for decoder in (["beam"] if stage == "ar" or stage.endswith("-ar")
+                        else ["argmax", "ODD", "NPD"]):
             lines = read_lines(tmp_path / "full" / stage / f"test.{decoder}.txt")
             assert len(lines) == 300 and all(line.strip() for line in lines[:5]), (stage, decoder)
 
@@ -240,19 +269,23 @@ def test_the_loop_with_stand_in_stages(monkeypatch, iterations):
         results = "results"
 
         def stage(self, name, kind, trained_on, make_targets, init_from=None, rescorer=None):
-            calls.append((name, kind, make_targets(), getattr(init_from, "name", None), getattr(rescorer, "name", None)))
+            calls.append((name, kind, make_targets(), getattr(init_from, "name", None),
+                          getattr(rescorer, "name", None)))
             return types.SimpleNamespace(name=name, model=lambda: f"{name} model")
 
+        def e_step(self, stage, ar, nar, i):
+            return f"{stage}: Q of {ar.model()}, chosen by {nar.model()} (iteration {i})"
+
     monkeypatch.setattr(em_nat, "distil", lambda run, ar_model: f"outputs of {ar_model}")
-    monkeypatch.setattr(em_nat, "e_step", lambda run, stage, ar_model, nar_model, i:
-                        f"{stage}: Q of {ar_model}, chosen by {nar_model} (iteration {i})")
     assert em_nat.em_loop(Run()) == "results"
     expected = [("ar", "ar", [[5], [7]], None, None),
                 ("nar-raw", "nar", [[5], [7]], None, "ar"),
                 ("nar-kd", "nar", "outputs of ar model", None, "ar"),
-                ("em1-ar", "ar", "em1-ar: Q of ar model, chosen by nar-kd model (iteration 1)", "ar", None),
+                ("em1-ar", "ar", "em1-ar: Q of ar model, chosen by nar-kd model (iteration 1)",
+                 "ar", None),
                 ("em1-nar", "nar", "outputs of em1-ar model", "nar-kd", "em1-ar"),
-                ("em2-ar", "ar", "em2-ar: Q of em1-ar model, chosen by em1-nar model (iteration 2)", "em1-ar", None),
+                ("em2-ar", "ar", "em2-ar: Q of em1-ar model, chosen by em1-nar model (iteration 2)",
+                 "em1-ar", None),
                 ("em2-nar", "nar", "outputs of em2-ar model", "em1-nar", "em2-ar")]
     assert calls == expected[:3 + 2 * iterations]
 
@@ -267,16 +300,21 @@ def test_the_loop_runs_in_the_papers_order(tmp_path):
     assert run.read_ids(str(out / "nar-raw" / "train.tgt")) == [t for _, t in run.train_ids]
     assert run.read_ids(str(out / "nar-kd" / "train.tgt")) == em_nat.distil(run, load("ar"))
     for i, (proposer, selector) in enumerate([("ar", "nar-kd"), ("em1-ar", "em1-nar")], start=1):
-        candidates, scores = nbest_ids(load(proposer), run.train_sources, 4, alpha=1.0, max_tokens=run.decode_tokens)
-        assert run.read_ids(str(out / f"em{i}-ar" / "candidates.tgt")) == [c for cs in candidates for c in cs]
-        q = [em_nat.quality_constrained_set(c, s, run.em.quality_margin) for c, s in zip(candidates, scores)]
-        chosen, _ = em_nat.select_by_nar_likelihood(run, load(selector), run.train_sources, q)
+        candidates, scores = nbest_ids(load(proposer), run.train_sources, 4, alpha=1.0,
+                                       max_tokens=run.decode_tokens)
+        assert run.read_ids(str(out / f"em{i}-ar" / "candidates.tgt")) == [
+            c for cs in candidates for c in cs]
+        q = [em_nat.quality_constrained_set(c, s, run.em.quality_margin)
+             for c, s in zip(candidates, scores)]
+        chosen, _ = nar_choice(run, load(selector), run.train_sources, q)
         assert run.read_ids(str(out / f"em{i}-ar" / "train.tgt")) == chosen
-        assert run.read_ids(str(out / f"em{i}-nar" / "train.tgt")) == em_nat.distil(run, load(f"em{i}-ar"))
-    # The margin study re-selects the first E-step for other margins: at the run's own margin it must
-    # find what the run did; with margin 0, Q is the AR top-1 alone.
+        assert run.read_ids(str(out / f"em{i}-nar" / "train.tgt")) == em_nat.distil(
+            run, load(f"em{i}-ar"))
+    # The margin study re-selects the first E-step for other margins: at the run's own margin it
+    # must find what the run did; with margin 0, Q is the AR top-1 alone.
     saved = json.loads((out / "em1-ar" / "result.json").read_text())
-    same, top1_only, *held_out = em_nat.margin_study(tiny_config(out), margins=(run.em.quality_margin, 0.0))
+    same, top1_only, *held_out = em_nat.margin_study(tiny_config(out),
+                                                     margins=(run.em.quality_margin, 0.0))
     for key in ("q_size", "q_top1", "q_valid", "q_sources_with_valid", "invalid", "mode_entropy"):
         assert same[key] == pytest.approx(saved[key]), key
     assert top1_only["q_size"] == 1.0 and top1_only["q_top1"] == 100.0
@@ -284,14 +322,17 @@ def test_the_loop_runs_in_the_papers_order(tmp_path):
 
 
 def test_controls_share_the_first_stages_and_select_as_they_say(tmp_path):
-    cfg = tiny_config(tmp_path, ["--em-iterations", "1", "--quality-margin", "none"])   # Q = all 4 candidates
+    # Q = all 4 candidates
+    cfg = tiny_config(tmp_path, ["--em-iterations", "1", "--quality-margin", "none"])
     by_stage = em_nat.run_seeds(cfg, [3], ["nar", "random", "ar-top1"])
-    assert sorted(by_stage) == sorted((sel, st) for sel in ("nar", "random", "ar-top1") for st in STAGES[:5])
+    assert sorted(by_stage) == sorted((sel, st) for sel in ("nar", "random", "ar-top1")
+                                      for st in STAGES[:5])
     for stage in ("ar", "nar-raw", "nar-kd"):                          # copied, not retrained
         assert {by_stage[(sel, stage)][0]["bleu"] for sel in ("nar", "random", "ar-top1")} == {
             by_stage[("nar", stage)][0]["bleu"]}
     chosen = {}
-    for sel, directory in (("nar", "seed3"), ("random", "seed3-random"), ("ar-top1", "seed3-ar-top1")):
+    for sel, directory in (("nar", "seed3"), ("random", "seed3-random"),
+                           ("ar-top1", "seed3-ar-top1")):
         candidates = read_lines(tmp_path / directory / "em1-ar" / "candidates.tgt")
         assert candidates == read_lines(tmp_path / "seed3" / "em1-ar" / "candidates.tgt")
         groups = [candidates[4 * j:4 * j + 4] for j in range(300)]
@@ -302,6 +343,27 @@ def test_controls_share_the_first_stages_and_select_as_they_say(tmp_path):
     assert chosen["random"] == [rng.choice(g) for g in groups]
     assert chosen["nar"] != chosen["ar-top1"] and chosen["nar"] != chosen["random"]
     assert (tmp_path / "seeds.txt").read_text().count("\n") == 1 + 2 * (4 + 3 * 5)    # two tables
+
+
+def test_the_e_step_takes_the_scorers_favourite_within_q_and_nothing_else():
+    # Two sources, three AR candidates each; the scorer prefers later candidates. Source 0's third
+    # candidate is more than 1 nat below the AR best: outside Q, so never chosen.
+    nbest = NBest.from_lists(3, [[[4], [5], [6]], [[7], [8], [9]]],
+                             [[-1.0, -1.5, -3.0], [-0.5, -0.6, -0.7]])
+    seen = []
+
+    def score(sets):
+        seen.append(sets)
+        return [[float(j) for j in range(len(q))] for q in sets]
+
+    paper = em_nat.e_step(nbest, score, em_nat.EMConfig(quality_margin=1.0), seed=5)
+    assert seen == [[[[4], [5]], [[7], [8], [9]]]] and paper.sets == seen[0]
+    assert paper.targets == [[5], [9]] and paper.nar_scores == [[0.0, 1.0], [0.0, 1.0, 2.0]]
+    top1 = em_nat.e_step(nbest, score, em_nat.EMConfig(selection="ar-top1"), seed=5)
+    assert top1.targets == [[4], [7]]
+    rng = random.Random(5)
+    drawn = em_nat.e_step(nbest, score, em_nat.EMConfig(selection="random"), seed=5)
+    assert drawn.targets == [rng.choice(q) for q in paper.sets]
 
 
 def test_quality_margin_keeps_the_candidates_near_the_ar_best():
@@ -319,7 +381,8 @@ def test_a_confidence_scaled_margin_narrows_q_where_the_ar_model_is_sure():
     assert em_nat.quality_constrained_set(cands, [-0.2, -0.7, -1.4, -8.2], "1.1x") == [[4]]
     # ... and an unsure one (-2.0): 2.2 nats, three candidates.
     assert em_nat.quality_constrained_set(cands, [-2.0, -2.5, -3.2, -10.0], "1.1x") == cands[:3]
-    assert [em_nat.margin_value(t) for t in ("0.5x", "2", "none", "3x")] == ["0.5x", 2.0, None, "3x"]
+    assert [em_nat.margin_value(t) for t in ("0.5x", "2", "none",
+                                             "3x")] == ["0.5x", 2.0, None, "3x"]
     for bad in ("-1", "x", "abc", "nan", "-0.5x"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected a number of nats"):
             em_nat.margin_value(bad)
@@ -331,7 +394,8 @@ def test_target_modes_known_answers():
     toy, vocab = run.corpus.toy, run.corpus.vocab
     first_mode = [vocab.encode(toy.valid_translations(s)[0].split()) for s, _ in run.corpus.train]
     modes = report.target_modes(corpus, first_mode)
-    assert modes["mode_entropy"] == 0.0 and modes["invalid"] == 0.0 and modes["mode_shares"][0] == 100.0
+    assert modes["mode_entropy"] == 0.0 and modes["invalid"] == 0.0
+    assert modes["mode_shares"][0] == 100.0
     mixed = [vocab.encode(toy.valid_translations(s)[i % 2].split()) if i < 40 else [4]
              for i, (s, _) in enumerate(run.corpus.train)]
     modes = report.target_modes(corpus, mixed)
@@ -342,16 +406,19 @@ def test_a_run_directory_refuses_other_settings(tmp_path):
     run_tiny(tmp_path / "r", extra=["--em-iterations", "0"])
     for changed in (["--seed", "2"], ["--alpha", "1.4"], ["--kd-beam", "3"], ["--length-beam", "3"],
                     ["--quality-margin", "none"], ["--selection", "random"]):
-        with pytest.raises(em_nat.CheckpointError, match="other settings"):  # a clear error, not a mixed run
+        # a clear error, not a mixed run
+        with pytest.raises(em_nat.CheckpointError, match="other settings"):
             em_nat.run_pipeline(tiny_config(tmp_path / "r", ["--em-iterations", "0", *changed]))
 
 
 def test_printed_examples_mark_repeats_and_validity():
     corpus = em_nat.make_toy_corpus(seed=1, train_size=20)
     vocab = corpus.vocab
-    src, valid = corpus.train[0]                              # a valid translation, words in the vocabulary
+    # a valid translation, words in the vocabulary
+    src, valid = corpus.train[0]
     repeated = vocab.encode(valid[:1] + valid[:1] + valid[1:])
-    assert report.marked_text(corpus, repeated) == " ".join(valid[:1] + [f"[{valid[0]}]"] + valid[1:])
+    assert report.marked_text(corpus,
+                              repeated) == " ".join(valid[:1] + [f"[{valid[0]}]"] + valid[1:])
     assert report.validity_mark(corpus, src, " ".join(valid)) == "   (valid)"
     assert report.validity_mark(corpus, src, " ".join(valid[:1] + valid)) == "   (invalid)"
     bpe_corpus = types.SimpleNamespace(vocab=em_nat.Vocab.build([["a@@", "b", "c"]]), is_bpe=True)
@@ -359,7 +426,8 @@ def test_printed_examples_mark_repeats_and_validity():
     assert report.marked_text(bpe_corpus, ids) == "ab a[a]b c [c]"
 
 
-def test_cross_fitted_selection_never_scores_a_source_with_a_model_that_trained_on_it(tmp_path, monkeypatch):
+def test_cross_fitted_selection_never_scores_a_source_with_a_model_that_trained_on_it(
+        tmp_path, monkeypatch):
     trained_on, scored_by = {}, {}
     real_train_model, real_scores = em_nat.train_model, em_nat.candidate_nar_scores
 
@@ -371,17 +439,22 @@ def test_cross_fitted_selection_never_scores_a_source_with_a_model_that_trained_
         return model, summary
 
     def recording_scores(run, nar_model, sources, sets):
-        scored_by.setdefault(getattr(nar_model, "judge", None), set()).update(tuple(s) for s in sources)
+        scored_by.setdefault(getattr(nar_model, "judge",
+                                     None), set()).update(tuple(s) for s in sources)
         return real_scores(run, nar_model, sources, sets)
 
     monkeypatch.setattr(em_nat, "train_model", recording_train_model)
     monkeypatch.setattr(em_nat, "candidate_nar_scores", recording_scores)
-    results = run_tiny(tmp_path, ["--em-iterations", "1", "--selection", "nar-crossfit", "--crossfit-folds", "3",
-                                  "--ar-steps", "30", "--nar-steps", "20", "--length-beam", "2"])
+    results = run_tiny(tmp_path, ["--em-iterations", "1", "--selection", "nar-crossfit",
+                                  "--crossfit-folds", "3", "--ar-steps", "30", "--nar-steps", "20",
+                                  "--length-beam", "2"])
     assert [r["stage"] for r in results] == STAGES[:5]
-    assert sorted(trained_on) == [f"em1-ar fold {k}" for k in range(3)] and set(scored_by) == set(trained_on)
+    assert sorted(trained_on) == [f"em1-ar fold {k}"
+                                  for k in range(3)] and set(scored_by) == set(trained_on)
     sources = {tuple(s) for s, _ in em_nat.make_toy_corpus(seed=1, train_size=300).ids("train")}
     assert set().union(*scored_by.values()) == sources
     for judge, scored in scored_by.items():
-        assert scored and not scored & trained_on[judge], judge      # never a source the judge trained on
-        assert trained_on[judge] | scored == sources                  # trained on all the other folds
+        # never a source the judge trained on
+        assert scored and not scored & trained_on[judge], judge
+        # trained on all the other folds
+        assert trained_on[judge] | scored == sources

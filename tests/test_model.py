@@ -40,7 +40,8 @@ def test_encoder_ignores_padding():
     assert torch.allclose(enc[keep], enc2[:, :enc.size(1)][keep], atol=1e-5)
     changed = src.clone()
     changed[0, 4:] = 7                                         # the padding becomes real tokens:
-    assert not torch.allclose(model.encode(changed)[0][0, :5], enc[0, :5], atol=1e-4)  # now it matters
+    # now it matters
+    assert not torch.allclose(model.encode(changed)[0][0, :5], enc[0, :5], atol=1e-4)
 
 
 def test_ar_decoder_never_sees_the_future():
@@ -64,7 +65,8 @@ def test_cached_step_decoding_equals_teacher_forcing():
     dec_in, _ = model.ar_inputs_outputs(tgt)
     full = model.decoding_log_probs(model.ar_logits(dec_in, enc, keep))   # (batch, t+1, vocab)
     cache = model.new_cache()
-    steps = [model.decoding_log_probs(model.ar_step(dec_in[:, i], i, enc, keep, cache)) for i in range(dec_in.size(1))]
+    steps = [model.decoding_log_probs(model.ar_step(dec_in[:, i], i, enc, keep, cache))
+             for i in range(dec_in.size(1))]
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
 
 
@@ -79,7 +81,8 @@ def test_nar_decoder_output_does_not_depend_on_target_tokens():
     assert not torch.equal(tgt, other)
     assert torch.equal(outputs[0], outputs[1])
     longer = tgt.clone()
-    longer[1, 3] = 5                                           # one more token: the output must change
+    # one more token: the output must change
+    longer[1, 3] = 5
     model(src, longer)
     assert not torch.allclose(outputs[0][1], outputs[2][1])
 
@@ -143,11 +146,13 @@ def test_ar_learns_to_reverse_sequences(tmp_path):
         pairs.append((seq, seq[::-1]))
     train, valid = pairs[:2800], pairs[2800:]
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=14, kind="ar", d_model=64, n_heads=4, d_ff=128, enc_layers=2,
-                                    dec_layers=2, dropout=0.0, max_len=16, label_smoothing=0.0))
+    model = Transformer(ModelConfig(vocab_size=14, kind="ar", d_model=64, n_heads=4, d_ff=128,
+                                    enc_layers=2, dec_layers=2, dropout=0.0, max_len=16,
+                                    label_smoothing=0.0))
     # The best of two checkpoints: at this learning rate a single step can spike, and the test asks
     # whether the model learns, not what its last step happened to be.
-    cfg = TrainConfig(lr=3e-3, warmup=100, max_tokens=1024, ar_steps=500, valid_every=250, final_model="best")
+    cfg = TrainConfig(lr=3e-3, warmup=100, max_tokens=1024, ar_steps=500, valid_every=250,
+                      final_model="best")
     model, _ = train_model(model, train, valid, cfg, str(tmp_path / "reverse"))
     src, tgt = collate(valid)
     out = ar_greedy(model, src)
@@ -184,8 +189,9 @@ def test_nar_score_known_answer():
 
 
 def test_scores_are_float32_under_bf16_autocast():
-    # Under bf16 autocast the hidden states are bf16, but the output layer and log-softmax of a score
-    # must be float32: compare with the float32 output layer applied to those same hidden states.
+    # Under bf16 autocast the hidden states are bf16, but the output layer and log-softmax of a
+    # score must be float32: compare with the float32 output layer applied to those same hidden
+    # states.
     model = tiny("nar")
     with torch.no_grad():
         model.embed.weight.mul_(4.0)                           # sharp logits: bf16 rounding shows
@@ -205,5 +211,6 @@ def test_scores_are_float32_under_bf16_autocast():
         got = ar.score(src, tgt)
     with torch.no_grad():
         logp = torch.log_softmax(h.float() @ ar.embed.weight.float().T + ar.out_bias.float(), -1)
-        expected = logp.gather(-1, dec_out[..., None]).squeeze(-1).masked_fill(dec_out == PAD, 0).sum(1)
+        expected = logp.gather(-1, dec_out[..., None]).squeeze(-1).masked_fill(
+            dec_out == PAD, 0).sum(1)
     assert torch.allclose(got, expected, atol=1e-3)

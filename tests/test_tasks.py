@@ -1,5 +1,6 @@
-"""The family of embedded tasks (data.TASKS): every task's oracle (valid_translations, mode) against a slow
-brute-force reference, the knobs doing what they say, and the default task "toy" unchanged."""
+"""The family of embedded tasks (data.TASKS): every task's oracle (valid_translations, mode) against
+a slow brute-force reference, the knobs doing what they say, and the default task "toy"
+unchanged."""
 import hashlib
 import json
 import math
@@ -8,7 +9,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from data import TASKS, TOY_CLOSING, TOY_LEXICON, TOY_OPENING, DataError, TaskSpec, ToyTask, make_toy_corpus
+from data import (TASKS, TOY_CLOSING, TOY_LEXICON, TOY_OPENING, DataError, TaskSpec, ToyTask,
+                  make_toy_corpus)
 
 REGISTERS, FRAMINGS = ("formal", "casual"), ("none", "opening", "closing")
 
@@ -53,7 +55,8 @@ def pair_digest(corpus):
     return hashlib.sha256(blob).hexdigest()
 
 
-# Computed from data.py before the task family existed (commit ca83b32): make_toy_corpus(seed, 300, 50, 50).
+# Computed from data.py before the task family existed (commit ca83b32): make_toy_corpus(seed, 300,
+# 50, 50).
 OLD_TOY_DIGESTS = {1: "d37a3bde0b104f73ab216d001929892cc3f5c51821e7f783be31dc30920c937d",
                    3: "b05249aa607e9d95b5cc89296fae467cc10b2279bffd108c1d29de85412248c3"}
 
@@ -69,7 +72,8 @@ def test_the_toy_task_reproduces_the_old_corpus_exactly(seed):
 def test_valid_translations_and_mode_match_brute_force(task):
     toy, rng = ToyTask(TASKS[task]), random.Random(7)
     sources = [toy.sample_source(rng) for _ in range(300)]
-    sources += [[w for w, _, _ in TOY_LEXICON][:k] for k in (1, 2, 3, 4)]     # short ones: edge cases
+    # short ones: edge cases
+    sources += [[w for w, _, _ in TOY_LEXICON][:k] for k in (1, 2, 3, 4)]
     for src in sources:
         reference = reference_translations(TASKS[task], src)
         assert toy.valid_translations(src) == reference and len(set(reference)) == 6
@@ -86,7 +90,8 @@ def test_clean_targets_are_valid_noisy_ones_invalid_at_the_knobs_share(task):
     corpus = make_toy_corpus(seed=5, train_size=n, valid_size=200, test_size=200, task=task)
     for split in (corpus.valid, corpus.test):                 # references are always valid
         for src, tgt in split:
-            assert corpus.toy.mode(src, tgt) == reference_translations(spec, src).index(" ".join(tgt))
+            assert corpus.toy.mode(src,
+                                   tgt) == reference_translations(spec, src).index(" ".join(tgt))
     invalid = 0
     for src, tgt in corpus.train:
         reference = reference_translations(spec, src)
@@ -113,7 +118,8 @@ def test_a_corrupted_target_is_always_an_invalid_near_miss(task):
 def one_edit_apart(noisy, valid):
     """noisy is valid with one word dropped, or with two adjacent words swapped."""
     drops = any(noisy == valid[:i] + valid[i + 1:] for i in range(len(valid)))
-    swaps = any(noisy == valid[:i] + [valid[i + 1], valid[i]] + valid[i + 2:] for i in range(len(valid) - 1))
+    swaps = any(noisy == valid[:i] + [valid[i + 1], valid[i]] + valid[i + 2:]
+                for i in range(len(valid) - 1))
     return drops or swaps
 
 
@@ -128,13 +134,16 @@ def test_deterministic_rules_give_a_source_the_same_mode_every_time(task):
         register, framing = toy.target_mode(src, None)
         assert toy.mode(src, tgt) == REGISTERS.index(register) * 3 + FRAMINGS.index(framing)
     # Fixed values: the hash must not depend on the process (Python's hash() of a str would).
-    rule_modes = [ToyTask(TASKS[task]).target_mode(["ka", "lu", "mo", "ne"], None) for _ in range(2)]
+    rule_modes = [ToyTask(TASKS[task]).target_mode(["ka", "lu", "mo", "ne"], None)
+                  for _ in range(2)]
     assert rule_modes[0] == rule_modes[1] == {"source-hash": ("casual", "opening"),
-                                              "first-word": ("formal", "none")}[TASKS[task].mode_rule]
+                                              "first-word": ("formal",
+                                                             "none")}[TASKS[task].mode_rule]
 
 
 def first_word_predictability(corpus):
-    """The share of training targets whose mode the majority mode of their first source word predicts."""
+    """The share of training targets whose mode the majority mode of their first source word
+    predicts."""
     modes = defaultdict(Counter)
     for src, tgt in corpus.train:
         modes[src[0]][corpus.toy.mode(src, tgt)] += 1
@@ -145,10 +154,12 @@ def test_first_word_mode_is_predictable_from_the_first_word_alone_and_the_others
     shares = {task: first_word_predictability(make_toy_corpus(seed=3, train_size=3000, task=task))
               for task in ("toy", "toy-hashed", "toy-learnable")}
     assert shares["toy-learnable"] == 1.0
-    assert shares["toy"] < 0.3 and shares["toy-hashed"] < 0.3           # chance is 1/6, plus small-count luck
+    # chance is 1/6, plus small-count luck
+    assert shares["toy"] < 0.3 and shares["toy-hashed"] < 0.3
     counts = Counter(corpus_mode for corpus_mode in (ToyTask(TASKS["toy-hashed"]).target_mode(
         ToyTask().sample_source(random.Random(s)), None) for s in range(3000)))
-    assert len(counts) == 6 and min(counts.values()) > 3000 / 6 * 0.8   # the hash spreads over all six modes
+    # the hash spreads over all six modes
+    assert len(counts) == 6 and min(counts.values()) > 3000 / 6 * 0.8
 
 
 def test_framing_positions_change_shifts_and_the_number_of_marked_positions():
@@ -156,12 +167,16 @@ def test_framing_positions_change_shifts_and_the_number_of_marked_positions():
     edge, inline, slots = (ToyTask(TaskSpec("t", framing_positions=p)).valid_translations(src)
                            for p in ("edge", "inline", "slots"))
     lengths = lambda texts: [len(t.split()) for t in texts]
-    assert lengths(edge) == [7, 8, 8] * 2                                   # a framing word shifts the rest
-    assert lengths(inline) == [7, 10, 10] * 2                               # ceil(7/3) = 3 framing words
+    # a framing word shifts the rest
+    assert lengths(edge) == [7, 8, 8] * 2
+    # ceil(7/3) = 3 framing words
+    assert lengths(inline) == [7, 10, 10] * 2
     assert lengths(slots) == [9] * 6                                        # nothing shifts
-    for register in (0, 3):                                                  # framings differ in 1-2 slots
+    # framings differ in 1-2 slots
+    for register in (0, 3):
         plain = slots[register].split()
-        assert [sum(a != b for a, b in zip(plain, slots[register + f].split())) for f in (1, 2)] == [1, 1]
+        assert [sum(a != b
+                    for a, b in zip(plain, slots[register + f].split())) for f in (1, 2)] == [1, 1]
     assert inline[1].split().count("furthermore") == 3 and inline[5].split().count("okay") == 3
 
 
@@ -175,11 +190,13 @@ def test_the_registry_names_describes_and_checks_its_tasks():
         TaskSpec("bad", mode_rule="sometimes")
     with pytest.raises(ValueError, match="noise"):
         TaskSpec("bad", noise=1.5)
-    small = make_toy_corpus(seed=1, task="toy-small", valid_size=5, test_size=5)    # the task's own default
+    # the task's own default
+    small = make_toy_corpus(seed=1, task="toy-small", valid_size=5, test_size=5)
     assert len(small.train) == TASKS["toy-small"].train_size
     assert make_toy_corpus(seed=1, train_size=20, task="toy-noisy").name == "toy-noisy (seed 1)"
 
 
 def test_a_seed_gives_the_same_sources_in_every_task():
-    sources = [[s for s, _ in make_toy_corpus(seed=4, train_size=200, task=task).train] for task in TASKS]
+    sources = [[s for s, _ in make_toy_corpus(seed=4, train_size=200, task=task).train]
+               for task in TASKS]
     assert all(s == sources[0] for s in sources)
