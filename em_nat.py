@@ -379,7 +379,8 @@ class Run:
         self.cfg, self.em, self.dir = cfg, cfg.em, cfg.out
         self.device, self.precision = cfg.train.device, cfg.train.precision
         self.max_len = cfg.data.max_len or model_config(cfg.preset, 0, "ar").max_len
-        self.decode_tokens = default_decode_tokens(self.device, cfg.train.max_tokens)
+        self.decode_tokens = (cfg.train.decode_tokens
+                              or default_decode_tokens(self.device, cfg.train.max_tokens))
         os.makedirs(self.dir, exist_ok=True)
         # under torchrun rank 0 first learns the BPE and writes run.json; the other processes then
         # read them
@@ -575,7 +576,9 @@ def run_settings(cfg, corpus, max_len):
     data = asdict(cfg.data)
     if data["data_dir"] is None:
         data["bpe_merges"] = None
-    train = {k: v for k, v in asdict(cfg.train).items() if k not in ("device", "update_freq")}
+    # how the work is batched, compiled or placed does not shape the models
+    train = {k: v for k, v in asdict(cfg.train).items()
+             if k not in ("device", "update_freq", "decode_tokens", "compile")}
     train["batches_per_update"] = cfg.train.update_freq * world_size()
     em = {k: v for k, v in asdict(cfg.em).items() if k != "iterations"}
     shown = {k: v for k, v in asdict(cfg.report).items()
@@ -811,17 +814,24 @@ def run_seeds(cfg: RunConfig, seeds, selections):
 
 
 def benchmark(cfg: RunConfig, steps, sentences):
-    """Training and N-best throughput on the corpus of --data-dir (report.benchmark)."""
+    """Training and N-best throughput on the corpus of --data-dir, or on the embedded task
+    (report.benchmark)."""
     if cfg.data.data_dir is None:
-        raise DataError("--benchmark measures a real corpus: give --data-dir (e.g. the IWSLT14 "
-                        "De-En directory)")
-    corpus = load_corpus_dir(cfg.data.data_dir, cfg.data.src, cfg.data.tgt, cfg.data.bpe_merges,
-                             model_config(cfg.preset, 0, "ar").max_len, log=lambda *a: None)
+        corpus = make_toy_corpus(seed=cfg.seed, train_size=cfg.data.toy_train_size,
+                                 task=cfg.data.task)
+    else:
+        corpus = load_corpus_dir(cfg.data.data_dir, cfg.data.src, cfg.data.tgt,
+                                 cfg.data.bpe_merges, model_config(cfg.preset, 0, "ar").max_len,
+                                 log=lambda *a: None)
+    decode_tokens = (cfg.train.decode_tokens
+                     or default_decode_tokens(cfg.train.device, cfg.train.max_tokens))
     print(f"benchmark: {corpus.name}, {len(corpus.train)} training pairs, "
           f"vocabulary {len(corpus.vocab)}, preset {cfg.preset}, {cfg.train.max_tokens}-token "
-          f"batches, device {cfg.train.device} ({cfg.train.precision}), "
-          f"{torch.get_num_threads()} threads")
-    return report.benchmark(corpus, cfg.preset, cfg.train, steps, sentences, cfg.em.candidates)
+          f"batches, {decode_tokens}-token decoding batches, device {cfg.train.device} "
+          f"({cfg.train.precision}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+          f"{', compiled' if cfg.train.compile else ''}")
+    return report.benchmark(corpus, cfg.preset, cfg.train, steps, sentences, cfg.em.candidates,
+                            decode_tokens)
 
 
 # ------------------------------------------------------------------------------------------------

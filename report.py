@@ -27,7 +27,7 @@ from data import Corpus, collate, make_batches, pad_batch, remove_bpe
 from decode import NBest, bleu, decoders, ids_to_text, score_pairs, translate_ids
 from model import (EOS, PAD, build_model, count_parameters, model_config, precision_context,
                    progress_bar, synchronize, write_atomic)
-from train import TrainConfig, forward_backward, make_optimizer, optimizer_step
+from train import TrainConfig, compiled, forward_backward, make_optimizer, optimizer_step
 
 
 @dataclass
@@ -464,27 +464,30 @@ def format_seed_summary(by_stage, toy, seeds):
 # Training and N-best throughput (the yardstick against other toolkits)
 # ------------------------------------------------------------------------------------------------
 def training_throughput(kind, preset, vocab_size, pairs, batches, cfg: TrainConfig, steps):
-    """Target tokens per second of `steps` AdamW steps of a `kind` model on token-budget batches
-    (after 3 warm-up steps). The AR model also predicts <eos>, which is counted, as fairseq counts
+    """Target tokens per second and seconds per step of `steps` AdamW steps of a `kind` model on
+    token-budget batches, after 3 warm-up steps (the allocator; with cfg.compile, the compilation),
+    and the warm-up's seconds. The AR model also predicts <eos>, which is counted, as fairseq counts
     it."""
     torch.manual_seed(0)
     model = build_model(model_config(preset, vocab_size, kind), cfg.device).train()
     optimizer = make_optimizer(model, cfg)
-    tokens, seconds = 0, 0.0
+    net = compiled(model, cfg)
+    tokens, seconds, warmup = 0, 0.0, 0.0
     for i, batch in enumerate(progress_bar(batches[:steps + 3], desc=f"train {kind}")):
         start = time.perf_counter()
         src, tgt = collate([pairs[j] for j in batch], cfg.device)
-        _, n = forward_backward(model, src, tgt, cfg, f"benchmark {kind}")
+        _, n = forward_backward(net, src, tgt, cfg, f"benchmark {kind}")
         optimizer_step(model, optimizer, cfg)
-        # waits for the step to finish
-        n = int(n)
-        if i >= 3:                                                        # warm-up: the allocator
+        n = int(n)                                             # waits for the step to finish
+        if i >= 3:
             tokens += n + (len(batch) if kind == "ar" else 0)
             seconds += time.perf_counter() - start
-    return tokens / seconds, count_parameters(model)
+        else:
+            warmup += time.perf_counter() - start
+    return tokens / seconds, seconds / steps, warmup, count_parameters(model)
 
 
-def nbest_throughput(preset, vocab_size, pairs, n, max_tokens, device, precision):
+def nbest_throughput(preset, vocab_size, pairs, n, decode_tokens, device, precision):
     """Sentences per second of AR n-best beam search (beam n), the E-step's decoding. Random
     weights: the <eos> logit is pushed down until the forced end at the reference length, so that
     the search takes as many steps as a trained model's would."""
@@ -494,8 +497,8 @@ def nbest_throughput(preset, vocab_size, pairs, n, max_tokens, device, precision
         ar.out_bias[EOS] = -1e4
     beam_search = decoders(device)[1]                                   # the E-step's decoder
     start = time.perf_counter()
-    for batch in progress_bar(make_batches([len(s) for s, _ in pairs], max(max_tokens * 4 // n, 1)),
-                              desc="N-best"):
+    for batch in progress_bar(make_batches([len(s) for s, _ in pairs], max(decode_tokens // n, 1)),
+                              desc="N-best"):                        # as decode.nbest batches
         src = pad_batch([pairs[j][0] for j in batch], device)
         out_len = torch.tensor([len(pairs[j][1]) for j in batch], device=device)
         with torch.no_grad(), precision_context(device, precision):
@@ -534,9 +537,9 @@ def nbest_arrays(lengths, n, rng):
     return NBest.from_rows(n, rows)
 
 
-def benchmark(corpus, preset, cfg: TrainConfig, steps, sentences, candidates):
-    """The throughput table on a real corpus: what a batch holds, AR and NAR training tokens/s, and
-    N-best sentences/s. Returns its rows (name, figure)."""
+def benchmark(corpus, preset, cfg: TrainConfig, steps, sentences, candidates, decode_tokens):
+    """The throughput table on a corpus: what a batch holds, AR and NAR training tokens/s and their
+    step-time ratio, and N-best sentences/s. Returns its rows (name, figure)."""
     pairs = corpus.ids("train")
     batches = make_batches([max(len(s), len(t)) + 1 for s, t in pairs], cfg.max_tokens,
                            random.Random(0))
@@ -544,13 +547,18 @@ def benchmark(corpus, preset, cfg: TrainConfig, steps, sentences, candidates):
              f"{len(pairs) / len(batches):,.1f} pairs, "
              f"{sum(len(t) + 1 for _, t in pairs) / len(batches):,.0f} "
              f"target tokens")]                                           # +1: <eos>
+    step_time = {}
     for kind in ("ar", "nar"):
-        tokens_per_s, parameters = training_throughput(kind, preset, len(corpus.vocab), pairs,
-                                                       batches, cfg, steps)
+        tokens_per_s, step_time[kind], warmup, parameters = training_throughput(
+            kind, preset, len(corpus.vocab), pairs, batches, cfg, steps)
         rows.append((f"train {kind.upper()} ({parameters / 1e6:.1f}M parameters)",
                      f"{tokens_per_s:,.0f} target tokens/s"))
+        if cfg.compile:
+            rows.append((f"  its 3 warm-up steps, compilation included", f"{warmup:,.1f} s"))
+    rows.append(("NAR / AR time per step (same batches)",
+                 f"{step_time['nar'] / step_time['ar']:.2f}"))
     valid = corpus.ids("valid")[:sentences]
-    per_s = nbest_throughput(preset, len(corpus.vocab), valid, candidates, cfg.max_tokens,
+    per_s = nbest_throughput(preset, len(corpus.vocab), valid, candidates, decode_tokens,
                              cfg.device, cfg.precision)
     rows.append((f"AR {candidates}-best beam search ({len(valid)} sentences)",
                  f"{per_s:,.1f} sentences/s"))

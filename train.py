@@ -68,6 +68,13 @@ class TrainConfig:
     seed: int = 1
     device: str = option("cpu", "cpu, cuda or mps (default: the best available; under torchrun "
                                 "each process takes the GPU of its local rank)", cli_default=None)
+    decode_tokens: int = option(None, "token budget of a decoding batch, hypothesis rows x source "
+                                      "tokens (the E-step's N-best, distillation, evaluation; "
+                                      "default: 4x --max-tokens on the CPU and MPS, 32x on CUDA)",
+                                minimum=1)
+    compile: bool = option(False, "train through torch.compile (fewer, fused kernels; its "
+                                  "compile time pays only on long runs of the larger presets: "
+                                  "docs/reproducing.md, \"The GPU path\")")
     # "bf16": autocast (model.resolve_precision picks it where the GPU has it)
     precision: str = option("fp32", "auto: bf16 autocast on a GPU with native bf16 (compute "
                                     "capability 8.0+), else fp32", cli_default="auto",
@@ -196,6 +203,13 @@ def data_parallel(model):
     device = next(model.parameters()).device
     device_ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def compiled(net, cfg):
+    """The network the loop trains through: `net` itself, or with cfg.compile its torch.compile'd
+    version (the same parameters). dynamic=True: token-budget batches change shape at every step,
+    and one compiled graph with symbolic sizes serves them all instead of a compile per shape."""
+    return torch.compile(net, dynamic=True) if cfg.compile else net
 
 
 def gradients_kept_local(net, last):
@@ -498,7 +512,7 @@ def training_loop(model, optimizer, scheduler, position, train_pairs, valid_pair
     lengths = [max(len(s), len(t)) + 1 for s, t in train_pairs]
     batches = remaining_batches(lengths, cfg, position)
     model.train()                                                   # dropout on
-    net = data_parallel(model)
+    net = compiled(data_parallel(model), cfg)
     bar = progress_bar(total=steps, initial=position["step"], desc=desc, disable=not is_main())
     while position["step"] < steps:
         start = time.perf_counter()

@@ -19,7 +19,7 @@ from data import make_batches, make_toy_corpus
 from decode import (EARLY_STOP_EVERY, ar_beam_search, ar_greedy, default_decode_tokens,
                     fast_beam_search, fast_greedy, fast_nar_decode, nar_decode, tokens_to_lists)
 from model import EOS, PAD, Counts, ModelConfig, Transformer
-from train import TrainConfig, make_optimizer, train_step
+from train import TrainConfig, make_optimizer, train_model, train_step
 
 torch.set_num_threads(2)
 
@@ -232,3 +232,33 @@ def test_the_e_step_decodes_in_few_batches_at_a_gpu_budget_ops():
              for device in ("cpu", "cuda")}
     assert count["cpu"] == 89
     assert count["cuda"] <= math.ceil(count["cpu"] / 7)
+
+
+# ----- --compile -----------------------------------------------------------------------------------
+def test_compile_trains_through_the_compiled_network_ops(tmp_path, monkeypatch):
+    """--compile: the loop trains through torch.compile(net, dynamic=True) (one compiled graph for
+    the batches' changing shapes), whose parameters are the model's. torch.compile is replaced by a
+    stand-in that counts the calls made through it (a real compilation takes minutes on a CPU)."""
+    made = []
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, net, dynamic):
+            super().__init__()
+            self.net, self.dynamic, self.calls = net, dynamic, 0
+            made.append(self)
+
+        def forward(self, *args):
+            self.calls += 1
+            return self.net(*args)
+
+    monkeypatch.setattr(torch, "compile", Compiled)
+    rng = random.Random(0)
+    pairs = [([rng.randint(4, 29) for _ in range(5)], [rng.randint(4, 29) for _ in range(6)])
+             for _ in range(40)]
+    for compile_ in (False, True):
+        cfg = TrainConfig(ar_steps=3, valid_every=3, warmup=1, max_tokens=64, compile=compile_)
+        model = tiny("ar").train()
+        train_model(model, pairs, pairs[:8], cfg, str(tmp_path / str(compile_)))
+    assert len(made) == 1 and made[0].dynamic is True
+    assert made[0].calls == 3                       # every training step, through the wrapper
+    assert made[0].net is model                     # its parameters are the model's
