@@ -199,6 +199,8 @@ def test_the_copy_holds_no_answer_no_teacher_tool_and_says_how_to_grade(tmp_path
     shipped = {p.relative_to(copy).as_posix(): p.read_text(encoding="utf-8") for p in copy.rglob("*") if p.is_file()}
     for tool in TEACHER_FILES:
         assert f"tests/{tool}" not in shipped
+    with open(os.path.join(ROOT, "LICENSE"), encoding="utf-8") as f:
+        assert shipped["LICENSE"] == f.read()                    # the licence goes with every copy
     answers = set()
     for name in MODULES:
         answers |= code_lines(os.path.join(ROOT, name), exercise_regions(os.path.join(ROOT, name)))
