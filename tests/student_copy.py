@@ -43,8 +43,8 @@ from collections import defaultdict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = tuple(name for name in ("model.py", "data.py", "decode.py", "em_nat.py", "train.py", "report.py")
                 if os.path.isfile(os.path.join(ROOT, name)))
-PROJECT_FILES = ("LICENSE", "requirements.txt", "pytest.ini")   # copied as they are (the modules: stubbed);
-# the licence asks to be kept with every copy
+# Copied as they are (the modules: stubbed); the licence asks to be kept with every copy.
+PROJECT_FILES = ("LICENSE", "requirements.txt", "pytest.ini")
 # In tests/, never in a copy: the teacher's tools, and test_docs.py, which checks the project's README and
 # docs/ pages (a copy holds its own README and docs/method.md only).
 TEACHER_FILES = ("student_copy.py", "test_classroom.py", "test_docs.py")
