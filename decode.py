@@ -270,7 +270,7 @@ def length_window(center, beam, max_len):
     """The B = `beam` length candidates around the predicted lengths `center` (batch,), as the official
     code builds them: B consecutive lengths from max(L - floor(B/2), 1), shifted down where they would
     pass max_len, so there are always B distinct lengths (for B <= max_len). Every sentence of the
-    batch gets the window around its own centre. -> (batch, beam)."""
+    batch gets the window around its own centre. -> (batch, beam) integer lengths."""
     # >>> exercise 5: the length window and NPD rescoring
     start = (center - beam // 2).clamp(min=1).clamp(max=max(max_len - beam + 1, 1))
     return (start[:, None] + torch.arange(beam, device=center.device)).clamp(max=max_len)

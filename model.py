@@ -269,8 +269,9 @@ class Transformer(nn.Module):
         """One decoding step. token: (rows,) the last output of every row (<bos> at step 0);
         step: its position (int). enc, enc_keep: one row per sentence, shared by rows / sentences
         consecutive hypothesis rows each (beam search), never copied per row.
-        Returns logits (rows, vocab) for the next token, the never-emitted tokens at -inf: in eval
-        mode the distribution the teacher-forced pass (ar_logits) gives after the same prefix.
+        Returns logits (rows, vocab) for the next token (any constant per row aside), the
+        never-emitted tokens at -inf: in eval mode the distribution that the teacher-forced pass
+        (ar_logits) gives after the same prefix.
         `cache` grows by one step: its self-attention keys/values hold one row per hypothesis
         (what reorder_cache moves), its cross-attention ones one row per sentence (what
         shrink_cache selects when sentences leave the search)."""
@@ -303,9 +304,10 @@ class Transformer(nn.Module):
 
     # ----- NAR decoder ---------------------------------------------------------------------------
     def length_logits(self, enc):
-        """(batch, src_len+1, d) -> (batch, max_len+1) logits over target lengths 0..max_len:
-        the length head applied to slot 0 of each sentence's encoder output, no other slot, and
-        no dropout of its own (the same logits in train and eval mode)."""
+        """(batch, src_len+1, d) -> (batch, max_len+1) logits over target lengths 0..max_len
+        (any constant per sentence aside): the length head applied to slot 0 of each sentence's
+        encoder output, no other slot, and no dropout of its own (the same logits in train and
+        eval mode)."""
         # >>> exercise 1: the length classifier and its loss
         return self.length_head(enc[:, 0])
         # <<< exercise 1
@@ -319,7 +321,8 @@ class Transformer(nn.Module):
         length. Its input holds no target token: a zero placeholder plus position embeddings, so
         the output cannot depend on the target. At a real position i < T of a sentence of length
         T, the position embedding of i (tgt_pos) scaled by sqrt(d) like the token embeddings;
-        past T, zeros; then dropout (self.drop: in train mode only)."""
+        past T, zeros; then dropout (self.drop: in train mode only, each entry of the batch on its
+        own)."""
         t = int(lengths.max()) if max_tgt_len is None else max_tgt_len
         keep = padding_mask(lengths, t)                                   # (batch, t)
         # >>> exercise 2: the NAR decoder's input

@@ -567,7 +567,7 @@ def test_length_window_of_a_batch_equals_brute_force(beam, max_len):
     # [1, max_len], the window whose first length is nearest to L - floor(B/2).
     centers = torch.tensor([c for c in (8, 1, 2, max_len - 1, 3, max_len, 9) if 1 <= c <= max_len])
     got = length_window(centers, beam, max_len)
-    assert got.shape == (len(centers), beam)
+    assert got.shape == (len(centers), beam) and got.dtype == torch.long
     for row, center in enumerate(centers.tolist()):
         starts = range(1, max_len - beam + 2)
         start = min(starts, key=lambda s: abs(s - (center - beam // 2)))
