@@ -67,7 +67,7 @@ def run_gradings(jobs_file):
         os.chdir(job["dir"])
         signal.alarm(JOB_SECONDS)
         try:
-            pytest.main(["-q", "-p", "no:cacheprovider", *[f"--exercise={n}" for n in job["exercises"]],
+            pytest.main(["-q", "--tb=line", "-p", "no:cacheprovider", *[f"--exercise={n}" for n in job["exercises"]],
                          *grading_files(job["dir"], job["exercises"])])
         finally:
             signal.alarm(0)
@@ -437,6 +437,22 @@ MUTATIONS = [
           "             if 0 < len(cand) <= nar_model.cfg.max_len]\n"
           "    flat = iter(nar_scores(run, nar_model, pairs))\n"
           "    return [[next(flat) if cand else float(\"-inf\") for cand in cands] for cands in sets]\n"),
+    wrong(7, "c", "scored by hand with decoding_log_probs (the special tokens masked)", "em_nat.py",
+          span("em_nat.py", "    flat = [(i, j) for i, cands", "    return scores\n"),
+          "    scores = []\n"
+          "    for src, cands in zip(sources, sets):\n"
+          "        enc, keep = nar_model.encode(torch.tensor([src]))\n"
+          "        len_logp = nar_model.length_logits(enc).float().log_softmax(-1)[0]\n"
+          "        row = []\n"
+          "        for cand in cands:\n"
+          "            if 0 < len(cand) <= nar_model.cfg.max_len:\n"
+          "                logits = nar_model.nar_logits(torch.tensor([len(cand)]), enc, keep)[0]\n"
+          "                logp = nar_model.decoding_log_probs(logits)\n"
+          "                row.append(float(len_logp[len(cand)] + logp[range(len(cand)), cand].sum()))\n"
+          "            else:\n"
+          "                row.append(float(\"-inf\"))\n"
+          "        scores.append(row)\n"
+          "    return scores\n"),
     wrong(7, "b", "a set with nothing scorable: no candidate picked", "em_nat.py",
           span("em_nat.py", "    picks = [max(range(len(row))", "zip(scores, picks)]\n"),
           "    selected, best_scores = [], []\n"

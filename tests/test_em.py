@@ -14,7 +14,7 @@ import em_nat
 import report
 import train
 from decode import nbest_ids
-from model import ModelConfig, Transformer
+from model import UNK, ModelConfig, Transformer
 
 torch.set_num_threads(2)
 
@@ -31,10 +31,13 @@ def test_selection_keeps_the_candidate_with_the_highest_nar_score():
     candidates = [[[rng.randint(4, 11) for _ in range(rng.randint(1, 7))] for _ in range(5)] for _ in sources]
     candidates[0][2] = []                                      # an empty AR output can never be chosen
     candidates[1][0] = [rng.randint(4, 11) for _ in range(10)]   # max_len tokens: scored
+    candidates[2][1] = [5, UNK, 7]                             # <unk> too has its probability
     run = types.SimpleNamespace(decode_tokens=64, device="cpu", precision="fp32")   # padded batches
     selected, scores = em_nat.select_by_nar_likelihood(run, nar, sources, candidates)
-    for src, cands, chosen, score in zip(sources, candidates, selected, scores):
+    all_scores = em_nat.candidate_nar_scores(run, nar, sources, candidates)
+    for src, cands, chosen, score, row in zip(sources, candidates, selected, scores, all_scores):
         direct = [by_hand_nar_score(nar, src, c) for c in cands]
+        assert row == pytest.approx(direct, abs=1e-4)
         assert chosen == cands[max(range(len(cands)), key=direct.__getitem__)]
         assert abs(score - max(direct)) < 1e-4
 

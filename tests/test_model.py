@@ -211,6 +211,8 @@ def test_length_classifier_of_a_batch_by_hand(eps):
             assert model.length_logits(enc[1:2]).shape == (1, model.cfg.max_len + 1)
             assert abs(model.length_loss(enc, lengths).item() - sum(losses).item() / 3) < 1e-5
             assert abs(model.length_loss(enc[1:2], lengths[1:2]).item() - losses[1].item()) < 1e-5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.length_loss(enc, lengths).dtype == torch.float32
 
 
 @pytest.mark.exercise(2)
