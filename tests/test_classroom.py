@@ -217,6 +217,98 @@ def span(module, first, last):
     return text[start:text.index(last, start) + len(last)]
 
 
+# The reference regions of the exercises that live in decoding code (model.py's ar_step, decode.py)
+# as they were at the time of this trial: solutions of these exercises are edits of these texts,
+# and replace the whole region, so that they stay the same student solutions when the reference's
+# own code there changes (a faster reference, say). {(module, exercise, region number): text}
+TRIAL_REGIONS = {
+    ("model.py", 3, 0): """\
+        pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)
+        x = self.embed_scaled(token[:, None]) + pos                      # (batch, 1, d)
+        enc_mask = attention_mask(enc_keep)
+        for layer, layer_cache in zip(self.decoder, cache):
+            x = layer(x, enc, enc_mask, cache=layer_cache)
+        return self.output_logits(x, banned=True)[:, 0]
+""",
+    ("decode.py", 4, 0): """\
+    n, t, _ = logp.shape
+    top_val, top_tok = logp.topk(min(k, logp.size(-1)), dim=-1)           # (batch, t, k)
+    real = torch.arange(t, device=logp.device)[None, :] < lengths[:, None]  # (batch, t)
+    top_val = top_val.masked_fill(~real[..., None], 0.0)                   # past the end: free
+    # transition[b, s, i, j]: moving from candidate i at position s to candidate j at s + 1.
+    same = top_tok[:, :-1, :, None] == top_tok[:, 1:, None, :]             # (batch, t-1, k, k)
+    transition = (same & real[:, 1:, None, None]).float() * -1e9
+    delta, backpointers = top_val[:, 0], []                                # (batch, k)
+    for s in range(1, t):
+        best_prev, arg_prev = (delta[:, :, None] + transition[:, s - 1]).max(dim=1)   # (batch, k)
+        delta = best_prev + top_val[:, s]
+        backpointers.append(arg_prev)
+    score, choice = delta.max(dim=1)                                       # (batch,)
+    path = [choice]
+    for arg_prev in reversed(backpointers):
+        choice = arg_prev.gather(1, choice[:, None]).squeeze(1)
+        path.append(choice)
+    path = torch.stack(path[::-1], dim=1)                                  # (batch, t)
+    tokens = top_tok.gather(2, path[..., None]).squeeze(-1)
+    return tokens.masked_fill(~real, PAD), score
+""",
+    ("decode.py", 5, 0): """\
+    start = (center - beam // 2).clamp(min=1).clamp(max=max(max_len - beam + 1, 1))
+    return (start[:, None] + torch.arange(beam, device=center.device)).clamp(max=max_len)
+""",
+    ("decode.py", 5, 1): """\
+    return rescorer.score(src, tokens) / length_penalty(lengths + 1, alpha)
+""",
+    ("decode.py", 6, 0): """\
+    n, k, steps = state.scores.size(0), beam, state.fin_tokens.size(2)
+    log_norm = logits.logsumexp(dim=1, keepdim=True)                      # (n * beam, 1) softmax normaliser
+    if step >= state.shortest_limit:                                       # a host int: no sync
+        # At the length limit only <eos> may follow, with its real log-probability (same normaliser).
+        logits = allow_only_eos(logits, (step >= state.max_len).repeat_interleave(k)[:, None])
+    cand, origin, token = best_extensions(state.scores, logits, log_norm, 2 * k)   # (n, 2k) each
+    ends = token == EOS
+    # Ended extensions: their prefix (without <bos>) and normalised score, merged into the finished set.
+    prefix = state.tokens.view(n, k, -1)[:, :, 1:].gather(1, origin[..., None].expand(-1, -1, step))
+    ended = F.pad(prefix, (0, steps - step), value=PAD)                    # (n, 2k, steps)
+    ended_scores = (cand / length_penalty(step + 1, alpha)).masked_fill(~ends, NEG_INF)
+    fin_scores, pick = torch.cat([state.fin_scores, ended_scores], 1).topk(k, dim=1)   # (n, k)
+    fin_tokens = torch.cat([state.fin_tokens, ended], 1).gather(1, pick[..., None].expand(-1, -1, steps))
+    # Live: the k best extensions that do not end.
+    scores, pick = cand.masked_fill(ends, NEG_INF).topk(k, dim=1)         # (n, k)
+    rows = (origin.gather(1, pick) + torch.arange(n, device=origin.device)[:, None] * k).view(-1)
+    tokens = torch.cat([state.tokens.index_select(0, rows), token.gather(1, pick).view(-1, 1)], dim=1)
+    # Exact stop test: log-probabilities only fall as a hypothesis grows and the penalty grows with its
+    # length, so no extension of a live hypothesis can score above (best live raw score) / (penalty of the
+    # longest allowed output). Once that cannot beat the k-th finished score, the sentence is done.
+    done = scores[:, 0] / state.bound <= fin_scores[:, -1]
+    scores = scores.masked_fill(done[:, None], NEG_INF)
+    return replace(state, tokens=tokens, scores=scores, fin_tokens=fin_tokens, fin_scores=fin_scores), rows
+""",
+}
+
+
+def solution_modules(solution):
+    """{module: text} of the modules that hold the solution's exercise (and any other it changes):
+    the reference ones with the solution's changes. A change within a region of TRIAL_REGIONS is
+    made on that region's trial text, which then replaces the reference's region; any other change
+    is made on the reference text."""
+    names = {place.split(":")[0] for place in list_exercises()[solution.exercise][1]}
+    texts = {name: read_module(name) for name in names}
+    edited = {}
+    for name, old, new in solution.changes:
+        texts.setdefault(name, read_module(name))
+        trial = [key for key, text in TRIAL_REGIONS.items()
+                 if key[:2] == (name, solution.exercise) and edited.get(key, text).count(old) == 1]
+        if trial:
+            edited[trial[0]] = edited.get(trial[0], TRIAL_REGIONS[trial[0]]).replace(old, new)
+        else:
+            assert texts[name].count(old) == 1, f"{solution.what}: {old!r} is not once in {name}"
+            texts[name] = texts[name].replace(old, new)
+    for (name, exercise, number), text in edited.items():
+        texts[name] = texts[name].replace(region(name, exercise, number), text)
+    return texts
+
+
 def wrong(exercise, cls, what, module, old, new):
     return Solution(exercise, cls, what, ((module, old, new),))
 
@@ -243,9 +335,11 @@ MUTATIONS = [
           "        others = (logp.sum(-1) - true) / (logp.size(-1) - 1)\n"
           "        return (-(1 - eps) * true - eps * others).mean()\n"),
     wrong(1, "a", "the loss summed over the sentences", "model.py",
-          "label_smoothing=self.cfg.label_smoothing)", "label_smoothing=self.cfg.label_smoothing, reduction=\"sum\")"),
+          "label_smoothing=self.cfg.label_smoothing)",
+          "label_smoothing=self.cfg.label_smoothing, reduction=\"sum\")"),
     wrong(1, "b", "length classes counted from 1 (T - 1)", "model.py",
-          "lengths, label_smoothing=self.cfg.label_smoothing)", "lengths - 1, label_smoothing=self.cfg.label_smoothing)"),
+          "lengths, label_smoothing=self.cfg.label_smoothing)",
+          "lengths - 1, label_smoothing=self.cfg.label_smoothing)"),
     # 2: the NAR decoder's input
     wrong(2, "train/eval", "no dropout", "model.py",
           "x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[..., None])",
@@ -291,7 +385,8 @@ MUTATIONS = [
           "pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)",
           "pos = self.tgt_pos.weight[step + 1] * math.sqrt(self.cfg.d_model)"),
     wrong(3, "c", "the position not scaled", "model.py",
-          "pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)", "pos = self.tgt_pos.weight[step]"),
+          "pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)",
+          "pos = self.tgt_pos.weight[step]"),
     wrong(3, "a", "encoder rows tiled for the hypotheses (repeat, not one per sentence)", "model.py",
           "        enc_mask = attention_mask(enc_keep)\n        for layer, layer_cache in zip(self.decoder, cache):",
           "        group = token.size(0) // enc.size(0)\n"
@@ -303,9 +398,11 @@ MUTATIONS = [
           "        enc, enc_keep = enc.repeat_interleave(group, 0), enc_keep.repeat_interleave(group, 0)\n"
           "        enc_mask = attention_mask(enc_keep)\n        for layer, layer_cache in zip(self.decoder, cache):"),
     wrong(3, "c", "the source padding attended (no encoder mask)", "model.py",
-          "            x = layer(x, enc, enc_mask, cache=layer_cache)", "            x = layer(x, enc, None, cache=layer_cache)"),
+          "            x = layer(x, enc, enc_mask, cache=layer_cache)",
+          "            x = layer(x, enc, None, cache=layer_cache)"),
     wrong(3, "c", "no cache: each step sees only its own token", "model.py",
-          "            x = layer(x, enc, enc_mask, cache=layer_cache)", "            x = layer(x, enc, enc_mask)"),
+          "            x = layer(x, enc, enc_mask, cache=layer_cache)",
+          "            x = layer(x, enc, enc_mask)"),
     wrong(3, "c", "the token embedding not scaled", "model.py",
           "x = self.embed_scaled(token[:, None]) + pos", "x = self.embed(token[:, None]) + pos"),
     # 4: ODD Viterbi
@@ -332,17 +429,20 @@ MUTATIONS = [
           "transition = (same & real[:, 1:, None, None]).float() * -1e9",
           "transition = (same & real[:, 1:, None, None]).float() * float(\"-inf\")"),
     wrong(4, "b", "positions past the length at -inf instead of free", "decode.py",
-          "top_val = top_val.masked_fill(~real[..., None], 0.0)", "top_val = top_val.masked_fill(~real[..., None], float(\"-inf\"))"),
+          "top_val = top_val.masked_fill(~real[..., None], 0.0)",
+          "top_val = top_val.masked_fill(~real[..., None], float(\"-inf\"))"),
     wrong(4, "c", "tokens cut at the longest length, not t", "decode.py",
           "    return tokens.masked_fill(~real, PAD), score\n",
           "    return tokens.masked_fill(~real, PAD)[:, :int(lengths.max())], score\n"),
     wrong(4, "a", "each row's length ignored inside the Viterbi (only the output padded)", "decode.py",
-          "    top_val = top_val.masked_fill(~real[..., None], 0.0)                   # past the end: free\n", ""),
+          "    top_val = top_val.masked_fill(~real[..., None], 0.0)                   # past the end: free\n",
+          ""),
     wrong(4, "c", "the score of each position's best token, not of the path", "decode.py",
           "    return tokens.masked_fill(~real, PAD), score\n",
           "    return tokens.masked_fill(~real, PAD), top_val[:, :, 0].sum(1)\n"),
     wrong(4, "a", "backtracking with the first row's pointers for every row", "decode.py",
-          "        choice = arg_prev.gather(1, choice[:, None]).squeeze(1)", "        choice = arg_prev[0][choice]"),
+          "        choice = arg_prev.gather(1, choice[:, None]).squeeze(1)",
+          "        choice = arg_prev[0][choice]"),
     # 5: the length window and NPD rescoring
     wrong(5, "b", "the window starts (B - 1) // 2 below the centre", "decode.py",
           "start = (center - beam // 2)", "start = (center - (beam - 1) // 2)"),
@@ -369,7 +469,8 @@ MUTATIONS = [
           "length_penalty(lengths + 1, alpha)", "length_penalty(tokens.size(1) + 1, alpha)"),
     wrong(5, "d", "the rescorer given (tokens, src)", "decode.py",
           "return rescorer.score(src, tokens) /", "return rescorer.score(tokens, src) /"),
-    wrong(5, "c", "alpha fixed at 1", "decode.py", "length_penalty(lengths + 1, alpha)", "length_penalty(lengths + 1, 1.0)"),
+    wrong(5, "c", "alpha fixed at 1", "decode.py",
+          "length_penalty(lengths + 1, alpha)", "length_penalty(lengths + 1, 1.0)"),
     # 6: beam search with a finished set
     wrong(6, "a", "rows without the sentence offset", "decode.py",
           "rows = (origin.gather(1, pick) + torch.arange(n, device=origin.device)[:, None] * k).view(-1)",
@@ -377,7 +478,8 @@ MUTATIONS = [
     wrong(6, "a", "right tokens, but the returned rows without the sentence offset", "decode.py",
           "fin_scores=fin_scores), rows\n", "fin_scores=fin_scores), rows % k\n"),
     wrong(6, "c", "the cache never reordered", "decode.py",
-          "        model.reorder_cache(cache, rows)\n", "        pass                                  # never reordered\n"),
+          "        model.reorder_cache(cache, rows)\n",
+          "        pass                                  # never reordered\n"),
     wrong(6, "c", "the normaliser taken after <eos> is forced", "decode.py",
           "cand, origin, token = best_extensions(state.scores, logits, log_norm, 2 * k)",
           "cand, origin, token = best_extensions(state.scores, logits, logits.logsumexp(1, keepdim=True), 2 * k)"),
@@ -391,13 +493,17 @@ MUTATIONS = [
           "done = scores[:, 0] / state.bound <= fin_scores[:, -1]",
           "done = scores[:, 0] / length_penalty(steps, alpha) <= fin_scores[:, -1]"),
     wrong(6, "b", "a tie keeps searching (<)", "decode.py",
-          "done = scores[:, 0] / state.bound <= fin_scores[:, -1]", "done = scores[:, 0] / state.bound < fin_scores[:, -1]"),
+          "done = scores[:, 0] / state.bound <= fin_scores[:, -1]",
+          "done = scores[:, 0] / state.bound < fin_scores[:, -1]"),
     wrong(6, "c", "the stop test on raw scores", "decode.py",
-          "done = scores[:, 0] / state.bound <= fin_scores[:, -1]", "done = scores[:, 0] <= fin_scores[:, -1]"),
+          "done = scores[:, 0] / state.bound <= fin_scores[:, -1]",
+          "done = scores[:, 0] <= fin_scores[:, -1]"),
     wrong(6, "c", "the stop test against the best finished score, not the k-th", "decode.py",
-          "done = scores[:, 0] / state.bound <= fin_scores[:, -1]", "done = scores[:, 0] / state.bound <= fin_scores[:, 0]"),
+          "done = scores[:, 0] / state.bound <= fin_scores[:, -1]",
+          "done = scores[:, 0] / state.bound <= fin_scores[:, 0]"),
     wrong(6, "c", "a done sentence marks only its first live slot", "decode.py",
-          "scores = scores.masked_fill(done[:, None], NEG_INF)", "scores[:, 0] = scores[:, 0].masked_fill(done, NEG_INF)"),
+          "scores = scores.masked_fill(done[:, None], NEG_INF)",
+          "scores[:, 0] = scores[:, 0].masked_fill(done, NEG_INF)"),
     wrong(6, "a", "every sentence forced to end once the shortest reaches its limit", "decode.py",
           "logits = allow_only_eos(logits, (step >= state.max_len).repeat_interleave(k)[:, None])",
           "logits = allow_only_eos(logits, torch.ones_like(logits[:, :1], dtype=torch.bool))"),
@@ -407,7 +513,8 @@ MUTATIONS = [
     wrong(6, "b", "the finished score's penalty without the <eos>", "decode.py",
           "(cand / length_penalty(step + 1, alpha))", "(cand / length_penalty(step, alpha))"),
     wrong(6, "c", "live hypotheses from the k best extensions only", "decode.py",
-          "best_extensions(state.scores, logits, log_norm, 2 * k)", "best_extensions(state.scores, logits, log_norm, k)"),
+          "best_extensions(state.scores, logits, log_norm, 2 * k)",
+          "best_extensions(state.scores, logits, log_norm, k)"),
     # 7: the E-step's selection
     wrong(7, "b", "ties to the last candidate", "em_nat.py",
           "picks = [max(range(len(row)), key=row.__getitem__) for row in scores]",
@@ -419,11 +526,13 @@ MUTATIONS = [
           "return len_logp.gather(1, lengths[:, None]).squeeze(1) + tok.sum(1)\n",
           "return (len_logp.gather(1, lengths[:, None]).squeeze(1) + tok.sum(1)) / lengths\n"),
     wrong(7, "c", "no length term", "model.py",
-          "return len_logp.gather(1, lengths[:, None]).squeeze(1) + tok.sum(1)\n", "return tok.sum(1)\n"),
+          "return len_logp.gather(1, lengths[:, None]).squeeze(1) + tok.sum(1)\n",
+          "return tok.sum(1)\n"),
     wrong(7, "b", "empty candidates scored", "em_nat.py",
           "if 0 < len(cand) <= nar_model.cfg.max_len]", "if len(cand) <= nar_model.cfg.max_len]"),
     wrong(7, "b", "a candidate of exactly max_len tokens not scored", "em_nat.py",
-          "if 0 < len(cand) <= nar_model.cfg.max_len]", "if 0 < len(cand) < nar_model.cfg.max_len]"),
+          "if 0 < len(cand) <= nar_model.cfg.max_len]",
+          "if 0 < len(cand) < nar_model.cfg.max_len]"),
     wrong(7, "a", "the padding of shorter targets scored", "model.py",
           ".squeeze(-1).masked_fill(tgt == PAD, 0.0)  # (batch, t)", ".squeeze(-1)  # (batch, t)"),
     wrong(7, "a", "the first sentence's length distribution for every sentence", "model.py",
@@ -496,7 +605,8 @@ def loop(what, cls, *edits):
 MUTATIONS += [
     # 8: the EM loop
     loop("the first NAR model always distilled (--distillation-targets ignored)", "c",
-         ("lambda: first_distillation_targets(run, ar.model())", "lambda: distil(run, ar.model())")),
+         ("lambda: first_distillation_targets(run, ar.model())",
+          "lambda: distil(run, ar.model())")),
     loop("targets computed before run.stage asks for them", "c",
          ("    nar = run.stage(\"nar-kd\", \"nar\", \"KD\", lambda: first_distillation_targets(run, ar.model()),",
           "    kd = first_distillation_targets(run, ar.model())\n"
@@ -519,7 +629,8 @@ MUTATIONS += [
          ("    nar = run.stage(\"nar-kd\"", "    nar = nar_0 = run.stage(\"nar-kd\""),
          ("prev_ar, prev_nar = ar, nar\n", "prev_ar, prev_nar = ar, nar_0\n")),
     loop("iterations counted from 0", "b", ("range(1, run.em.iterations + 1)", "range(run.em.iterations)")),
-    loop("the M-step distils AR_{i-1}", "c", ("lambda: distil(run, ar.model())", "lambda: distil(run, prev_ar.model())")),
+    loop("the M-step distils AR_{i-1}", "c",
+         ("lambda: distil(run, ar.model())", "lambda: distil(run, prev_ar.model())")),
     loop("AR_i trained from scratch", "c", ("                       init_from=prev_ar)", "                       )")),
     loop("the E-step's iteration number one too low", "b", ("prev_nar.model(), i)", "prev_nar.model(), i - 1)")),
 ]
@@ -556,9 +667,11 @@ def bpe(what, cls, *edits):
 MUTATIONS += [
     # 9: learning BPE merges
     bpe("the hint's simple version with Counter.most_common (ties: the first counted)", "b",
-        ("pair = min(counts, key=lambda p: (-counts[p], p))", "pair = counts.most_common(1)[0][0]")),
+        ("pair = min(counts, key=lambda p: (-counts[p], p))",
+         "pair = counts.most_common(1)[0][0]")),
     bpe("ties to the largest pair", "b",
-        ("pair = min(counts, key=lambda p: (-counts[p], p))", "pair = max(counts, key=lambda p: (counts[p], p))")),
+        ("pair = min(counts, key=lambda p: (-counts[p], p))",
+         "pair = max(counts, key=lambda p: (counts[p], p))")),
     bpe("overlapping occurrences counted once per word", "b",
         ("for pair in word_pairs(symbols):", "for pair in set(word_pairs(symbols)):")),
     bpe("each word counted once, whatever its count", "c", ("counts[pair] += n", "counts[pair] += 1")),
@@ -586,13 +699,15 @@ MUTATIONS += [
           "        words = {word.replace(\" \".join(pair), \"\".join(pair)): n for word, n in words.items()}\n"
           "    return merges\n"),
     wrong(9, "b", "the end marker a symbol of its own", "data.py",
-          "words = [tuple(w[:-1]) + (w[-1] + END,) for w in word_counts]", "words = [tuple(w) + (END,) for w in word_counts]"),
+          "words = [tuple(w[:-1]) + (w[-1] + END,) for w in word_counts]",
+          "words = [tuple(w) + (END,) for w in word_counts]"),
     wrong(9, "c", "the counts of the pairs a merge removes never lowered", "data.py",
           "            for p in word_pairs(old):\n                pair_count[p] -= freq\n",
           "            for p in word_pairs(old):\n"),
     wrong(9, "c", "stale heap entries not skipped", "data.py",
           "        if pair_count.get(pair, 0) != -neg_count:\n"
-          "            continue                                  # stale entry: the count changed since\n", ""),
+          "            continue                                  # stale entry: the count changed since\n",
+          ""),
     wrong(9, "c", "the words of new pairs not recorded", "data.py",
           "                pair_count[p] += freq\n                pair_words[p].add(index)\n",
           "                pair_count[p] += freq\n"),
@@ -726,14 +841,17 @@ RIGHT_SOLUTIONS = [
          "            tokens[i * k + j] = torch.cat([state.tokens[row], state.tokens.new_tensor([token])])\n"
          "        if live and live[0][0] / float(state.bound[i]) <= float(fin_scores[i, -1]):\n"
          "            scores[i] = NEG_INF\n"
-         "    return replace(state, tokens=tokens, scores=scores, fin_tokens=fin_tokens, fin_scores=fin_scores), rows\n"),)),
+         "    state = replace(state, tokens=tokens, scores=scores, fin_tokens=fin_tokens, fin_scores=fin_scores)\n"
+         "    return state, rows\n"),)),
     Solution(6, "", "a full log-softmax, sort instead of topk, the stop test multiplied out", (
-        ("decode.py", "    cand, origin, token = best_extensions(state.scores, logits, log_norm, 2 * k)   # (n, 2k) each\n",
+        ("decode.py",
+         "    cand, origin, token = best_extensions(state.scores, logits, log_norm, 2 * k)   # (n, 2k) each\n",
          "    logp = ((logits - log_norm).view(n, k, -1) + state.scores[:, :, None]).view(n, -1)\n"
          "    cand, flat = logp.sort(dim=1, descending=True)\n"
          "    cand, flat = cand[:, :2 * k], flat[:, :2 * k]\n"
          "    origin, token = flat // logits.size(1), flat % logits.size(1)\n"),
-        ("decode.py", "    fin_scores, pick = torch.cat([state.fin_scores, ended_scores], 1).topk(k, dim=1)   # (n, k)\n",
+        ("decode.py",
+         "    fin_scores, pick = torch.cat([state.fin_scores, ended_scores], 1).topk(k, dim=1)   # (n, k)\n",
          "    fin_scores, pick = torch.cat([state.fin_scores, ended_scores], 1).sort(dim=1, descending=True)\n"
          "    fin_scores, pick = fin_scores[:, :k], pick[:, :k]\n"),
         ("decode.py", "    done = scores[:, 0] / state.bound <= fin_scores[:, -1]\n",
@@ -858,7 +976,6 @@ RIGHT_SOLUTIONS = [
 def grade_solutions(solutions, tmp_path):
     """Grade each solution in a copy with its exercise cut out and its exercise's modules the
     reference ones with the solution's changes. Returns the reports and seconds (grade_many)."""
-    places = list_exercises()
     jobs = []
     for i, solution in enumerate(solutions):
         base = tmp_path / f"without-{solution.exercise}"
@@ -866,13 +983,7 @@ def grade_solutions(solutions, tmp_path):
             write_student_copy(str(base), [solution.exercise])
         copy = tmp_path / f"solution-{i}"
         shutil.copytree(base, copy)
-        texts = {place.split(":")[0]: None for place in places[solution.exercise][1]}
-        texts = {name: read_module(name) for name in texts}
-        for name, old, new in solution.changes:
-            texts.setdefault(name, read_module(name))
-            assert texts[name].count(old) == 1, f"{solution.what}: {old!r} is not once in {name}"
-            texts[name] = texts[name].replace(old, new)
-        for name, text in texts.items():
+        for name, text in solution_modules(solution).items():
             (copy / name).write_text(text, encoding="utf-8")
         jobs.append((copy, [solution.exercise]))
     return grade_many(jobs, tmp_path)
