@@ -29,8 +29,8 @@ paper to the code of docs/method.md. docs/method.md ships as it is, after a chec
 expected figure and names no file the copy lacks (SHIPPED_DOCS, TEACHER_ONLY); --with-expected-figures
 adds docs/results.md (the expected figures) with a note on top. tests/test_classroom.py proves that
 each exercise's grading tests fail on its stub, and only there, that grading passes exactly for the
-solved exercises as a student solves them one by one, and that plausible wrong solutions fail their
-exercise's grading.
+solved exercises as a student solves them one by one, that plausible wrong solutions fail their
+exercise's grading, and that right solutions written otherwise than the reference pass it.
 """
 import argparse
 import ast

@@ -4,9 +4,13 @@
   tests passed on the stub would grade nothing; one whose stub broke another's tests would grade unfairly;
 - a student who starts from a copy with every exercise cut out and solves them one by one sees grading
   pass exactly for the exercises solved so far;
-- plausible wrong solutions (MUTATIONS) fail their exercise's grading;
+- a trial as a student would write them: plausible wrong solutions (MUTATIONS, at least six an
+  exercise) fail their exercise's grading, right solutions written otherwise than the reference
+  (RIGHT_SOLUTIONS, at least two an exercise) pass it;
 - the copy holds no answer (no line of a cut-out solution or of the tests' references survives anywhere
   in it), no teacher tool and, unless asked, no expected figures; its README says how to grade.
+The gradings run in two worker interpreters (`python tests/test_classroom.py JOBS.json`, see
+run_gradings) that import torch once and each graded copy afresh.
 This file is a teacher tool: it does not ship in a copy."""
 import json
 import os
@@ -67,7 +71,8 @@ def run_gradings(jobs_file):
         os.chdir(job["dir"])
         signal.alarm(JOB_SECONDS)
         try:
-            pytest.main(["-q", "--tb=line", "-p", "no:cacheprovider", *[f"--exercise={n}" for n in job["exercises"]],
+            pytest.main(["-q", "--tb=line", "-p", "no:cacheprovider",      # a line per failure: fast
+                         *[f"--exercise={n}" for n in job["exercises"]],
                          *grading_files(job["dir"], job["exercises"])])
         finally:
             signal.alarm(0)
@@ -75,9 +80,9 @@ def run_gradings(jobs_file):
             sys.path[:] = path
             inside = os.path.join(os.path.abspath(job["dir"]), "")
             for name, module in list(sys.modules.items()):
-                if name == "conftest" or (getattr(module, "__file__", None) or "").startswith(inside):
-                    if name != "__main__":
-                        del sys.modules[name]
+                in_copy = (getattr(module, "__file__", None) or "").startswith(inside)
+                if name == "conftest" or (in_copy and name != "__main__"):
+                    del sys.modules[name]
         seconds.append(time.time() - start)
     with open(jobs_file + ".seconds", "w") as f:
         json.dump(seconds, f)
@@ -94,10 +99,12 @@ def grade_many(jobs, tmp_path, workers=2):
         jobs_file = str(tmp_path / f"jobs-{w}.json")
         with open(jobs_file, "w") as f:
             json.dump(parts[w], f)
-        with open(tmp_path / f"worker-{w}.log", "w") as log:
-            subprocess.run([sys.executable, os.path.abspath(__file__), jobs_file], cwd=ROOT, stdout=log,
+        log = tmp_path / f"worker-{w}.log"
+        with open(log, "w") as f:
+            subprocess.run([sys.executable, os.path.abspath(__file__), jobs_file], cwd=ROOT, stdout=f,
                            stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                            timeout=60 + JOB_SECONDS * len(parts[w]))
+        assert os.path.exists(jobs_file + ".seconds"), f"grading worker {w} stopped:\n{log.read_text()[-3000:]}"
         with open(jobs_file + ".seconds") as f:
             return json.load(f)
 
