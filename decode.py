@@ -145,10 +145,9 @@ def beam_step(state, logits, step, beam, alpha):
       length_penalty(step + 1, alpha), best first, -inf where the set holds fewer than k.
     - Live hypotheses: tokens (n * k, step + 2) are the parents' rows with the new token appended, scores
       (n, k) their raw log-probabilities, best first, -inf for an empty slot.
-    - Stop test (exact): a sentence is done when its best live raw score over state.bound (the penalty
-      of its own longest allowed output, length_penalty(max_len + 1) of that sentence) is <= its
-      k-th finished score (equal stops too). A done sentence is signalled by all k of its live
-      scores set to -inf: that is what ar_beam_search reads.
+    - Stop test (exact): a sentence is done when its best live raw score over state.bound (its own
+      length_penalty(max_len + 1)) is <= (equal too) its k-th finished score. A done sentence is
+      signalled by all k of its live scores set to -inf: that is what ar_beam_search reads.
     - rows (n * k,): for each new live hypothesis, the row of logits (and of the model's cache) it
       extends, over the whole batch: sentence i's rows lie in i * k ... i * k + k - 1. ar_beam_search
       reorders the model's cache with them, so that every hypothesis goes on reading its own history.
