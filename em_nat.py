@@ -254,13 +254,14 @@ def e_step(run, stage, ar_model, nar_model, iteration):
 def em_loop(run):
     """The paper's algorithm, as calls of run.stage(name, kind, trained_on, make_targets,
     init_from=None, rescorer=None). Each trains one model of `kind` ("ar" or "nar") on the
-    targets make_targets() returns (one per training source), starting from the model of the
-    stage handle `init_from` (None: from scratch), and evaluates it: a NAR model also by NPD,
-    rescored by the AR model of the stage handle `rescorer`. trained_on describes the targets in
-    the summary table. A finished stage is read back from its directory and its make_targets is
-    not called: compute targets, and load models (handle.model()), only inside make_targets,
-    so that a resumed run recomputes nothing. run.stage returns the stage's handle (.name;
-    .model() loads its model). The stages, in order (AR_0 = ar, NAR_0 = nar-kd):
+    targets make_targets() returns (one per training source; of an E-step, e_step's result as it
+    is), starting from the model of the stage handle `init_from` (None: from scratch), and
+    evaluates it: a NAR model also by NPD, rescored by the AR model of the stage handle
+    `rescorer`. trained_on describes the targets in the summary table. A finished stage is read
+    back from its directory and its make_targets is not called: compute targets, and load models
+    (handle.model()), only inside make_targets, so that a resumed run recomputes nothing.
+    run.stage returns the stage's handle (.name; .model() loads its model). The stages, in order
+    (AR_0 = ar, NAR_0 = nar-kd):
       ar         AR_0 on the real targets (run.train_ids: (source, target) pairs)
       nar-raw    the NAR baseline on the real targets; rescorer: ar
       nar-kd     NAR_0 on first_distillation_targets(run, AR_0's model): AR_0's beam outputs
