@@ -174,8 +174,8 @@ def beam_step(state, logits, step, beam, alpha):
       length_penalty(step + 1, alpha), best first, -inf where the set holds fewer than k.
     - Live hypotheses: tokens (n * k, step + 2) are the parents' rows with the new token appended,
       scores (n, k) their raw log-probabilities, best first, -inf for an empty slot.
-    - Stop test (exact): a sentence is done when its best live raw score over state.bound (the
-      penalty of its longest allowed output) is <= its k-th finished score. A done sentence is
+    - Stop test (exact): a sentence is done when its best live raw score over state.bound (its own
+      length_penalty(max_len + 1)) is <= (equal too) its k-th finished score. A done sentence is
       signalled by all k of its live scores set to -inf: that is what ar_beam_search reads.
     - rows (n * k,): for each new live hypothesis, the row of logits (and of the model's cache) it
       extends, over the whole batch: sentence i's rows lie in i * k ... i * k + k - 1.
@@ -275,9 +275,10 @@ def odd_viterbi(logp, lengths, k=3):
     y_t != y_{t-1}, for each row of a batch, by Viterbi over the top-k tokens of every position.
     k = 3 is exact, not an approximation: a position has two neighbours, which forbid at most two
     tokens, so one of its top three is always allowed and at least as good as any token outside
-    them.
-    logp: (batch, t, vocab); lengths: (batch,). Returns tokens (batch, t) PAD after the length, and
-    scores (batch,)."""
+    them. logp: (batch, t, vocab), the tokens never emitted at -inf (decoding_log_probs; nar_decode
+    passes the logits, which rank each position's tokens alike); lengths: (batch,), each row its
+    own, from 1 to t (t may be 1). Returns tokens (batch, t), PAD after each row's length, and
+    scores (batch,): the sum over the row's real positions only."""
     # >>> exercise 4: ODD Viterbi
     n, t, _ = logp.shape
     top_val, top_tok = logp.topk(min(k, logp.size(-1)), dim=-1)           # (batch, t, k)
@@ -312,8 +313,9 @@ def argmax_decode(logp, lengths):
 def length_window(center, beam, max_len):
     """The B = `beam` length candidates around the predicted lengths `center` (batch,), as the
     official code builds them: B consecutive lengths from max(L - floor(B/2), 1), shifted down where
-    they would pass max_len, so there are always B distinct lengths (for B <= max_len).
-    -> (batch, beam)."""
+    they would pass max_len, so there are always B distinct lengths (for B <= max_len). Every
+    sentence of the batch gets the window around its own centre. -> (batch, beam) integer
+    lengths."""
     # >>> exercise 5: the length window and NPD rescoring
     start = (center - beam // 2).clamp(min=1).clamp(max=max(max_len - beam + 1, 1))
     return (start[:, None] + torch.arange(beam, device=center.device)).clamp(max=max_len)
@@ -324,7 +326,8 @@ def npd_scores(rescorer, src, tokens, lengths, alpha):
     """NPD (noisy parallel decoding): the AR model's score of each NAR candidate,
     log p_AR(y <eos> | x) over the length penalty of |y| + 1 (as beam search ranks finished
     outputs), in float32.
-    src: (rows, src_len), one row per candidate; tokens: (rows, t) PAD-padded; lengths: (rows,)."""
+    src: (rows, src_len), one row per candidate; tokens: (rows, t) PAD-padded; lengths: (rows,).
+    rescorer.score(src, tokens) gives log p_AR(y <eos> | x) of every row."""
     # >>> exercise 5: the length window and NPD rescoring
     return rescorer.score(src, tokens) / length_penalty(lengths + 1, alpha)
     # <<< exercise 5

@@ -237,8 +237,9 @@ def candidate_nar_scores(run, nar_model, sources, sets):
     """The full NAR log-likelihood log p(T|x) + sum_t log p(y_t|x,T) (no token masked, NOT
     length-normalised, output layer in float32: Transformer.score) of every candidate in every
     source's set, as one list per set; -inf where the NAR model cannot score the candidate (empty,
-    as its length classes start at 1, or longer than its max_len). All pairs are scored in one
-    batched call of nar_scores."""
+    as its length classes start at 1, or longer than its max_len; a candidate of exactly max_len
+    tokens is scored). The reference scores all pairs in one batched call of nar_scores; any
+    computation that gives the same scores passes."""
     flat = [(i, j) for i, cands in enumerate(sets) for j, cand in enumerate(cands)
             if 0 < len(cand) <= nar_model.cfg.max_len]
     flat_scores = nar_scores(run, nar_model, [(sources[i], sets[i][j]) for i, j in flat])
@@ -297,10 +298,26 @@ def e_step(nbest, score, em, seed):
 # The loop
 # ------------------------------------------------------------------------------------------------
 def em_loop(run):
-    """The paper's algorithm. Each `run.stage` trains one model on the targets its function computes
-    (or reads a finished stage back from its directory) and evaluates it; it returns a handle whose
-    .model() loads the model when a later step needs it. `run.e_step(stage, ar, nar, i)` is
-    e_step on the N-best of the AR model `ar`, scored by the NAR model `nar`."""
+    """The paper's algorithm, as calls of run.stage(name, kind, trained_on, make_targets,
+    init_from=None, rescorer=None). Each trains one model of `kind` ("ar" or "nar") on the
+    targets make_targets() returns (one per training source; of an E-step, e_step's result as it
+    is), starting from the model of the stage handle `init_from` (None: from scratch), and
+    evaluates it: a NAR model also by NPD, rescored by the AR model of the stage handle
+    `rescorer`. trained_on describes the targets in the summary table. A finished stage is read
+    back from its directory and its make_targets is not called: compute targets, and load models
+    (handle.model()), only inside make_targets, so that a resumed run recomputes nothing.
+    run.stage returns the stage's handle (.name; .model() loads its model). The stages, in order
+    (AR_0 = ar, NAR_0 = nar-kd):
+      ar         AR_0 on the real targets (run.train_ids: (source, target) pairs)
+      nar-raw    the NAR baseline on the real targets; rescorer: ar
+      nar-kd     NAR_0 on first_distillation_targets(run, AR_0's model): AR_0's beam outputs
+                 (distil), or the precomputed targets of --distillation-targets; rescorer: ar
+      then for each EM iteration i = 1 .. run.em.iterations:
+      em{i}-ar   AR_i, from AR_{i-1}, on the E-step's targets: run.e_step(name, AR_{i-1}'s
+                 handle, NAR_{i-1}'s handle, i), e_step on AR_{i-1}'s N-best (Q) scored by
+                 NAR_{i-1}; no rescorer
+      em{i}-nar  NAR_i, from NAR_{i-1}, on distil(run, AR_i's model) (the M-step); rescorer: AR_i
+    Returns run.results."""
     # >>> exercise 8: the EM loop
     real = [t for _, t in run.train_ids]
     ar = run.stage("ar", "ar", "real data", lambda: real)                             # AR_0

@@ -307,10 +307,15 @@ class Transformer(nn.Module):
         return [{"self": {}, "cross": {}} for _ in self.decoder]
 
     def ar_step(self, token, step, enc, enc_keep, cache):
-        """One decoding step. token: (rows,) last output; step: its position (int). enc, enc_keep
-        may hold one row per sentence for several consecutive hypothesis rows each (beam search).
-        Returns logits (rows, vocab) for the next token, never-emitted tokens at -inf; `cache` grows
-        by one step."""
+        """One decoding step. token: (rows,) the last output of every row (<bos> at step 0);
+        step: its position (int). enc, enc_keep: one row per sentence, shared by rows / sentences
+        consecutive hypothesis rows each (beam search), never copied per row.
+        Returns logits (rows, vocab) for the next token (any constant per row aside), the
+        never-emitted tokens at -inf: in eval mode the distribution that the teacher-forced pass
+        (ar_logits) gives after the same prefix.
+        `cache` grows by one step: its self-attention keys/values hold one row per hypothesis
+        (what reorder_cache moves), its cross-attention ones one row per sentence (what
+        shrink_cache selects when sentences leave the search)."""
         # >>> exercise 3: the cached AR decoding step
         pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)
         x = self.embed_scaled(token[:, None]) + pos                      # (batch, 1, d)
@@ -361,7 +366,10 @@ class Transformer(nn.Module):
 
     # ----- NAR decoder ---------------------------------------------------------------------------
     def length_logits(self, enc):
-        """(batch, src_len+1, d) -> (batch, max_len+1) logits over target lengths, from slot 0."""
+        """(batch, src_len+1, d) -> (batch, max_len+1) logits over target lengths 0..max_len
+        (any constant per sentence aside): the length head applied to slot 0 of each sentence's
+        encoder output, no other slot, and no dropout of its own (the same logits in train and
+        eval mode)."""
         # >>> exercise 1: the length classifier and its loss
         return self.length_head(enc[:, 0])
         # <<< exercise 1
@@ -371,8 +379,12 @@ class Transformer(nn.Module):
         return self.output_logits(self.nar_states(lengths, enc, enc_keep, max_tgt_len))
 
     def nar_states(self, lengths, enc, enc_keep, max_tgt_len=None):
-        """The NAR decoder's last hidden states (batch, t, d). Its input holds no target token: a
-        zero placeholder plus position embeddings, so the output cannot depend on the target."""
+        """The NAR decoder's last hidden states (batch, t, d), t = max_tgt_len or the longest
+        length. Its input holds no target token: a zero placeholder plus position embeddings, so
+        the output cannot depend on the target. At a real position i < T of a sentence of length
+        T, the position embedding of i (tgt_pos) scaled by sqrt(d) like the token embeddings;
+        past T, zeros; then dropout (self.drop: in train mode only, each entry of the batch on its
+        own)."""
         t = int(lengths.max()) if max_tgt_len is None else max_tgt_len
         keep = padding_mask(lengths, t)                                   # (batch, t)
         # >>> exercise 2: the NAR decoder's input
@@ -422,7 +434,9 @@ class Transformer(nn.Module):
 
     def length_loss(self, enc, lengths):
         """Label-smoothed cross-entropy of the true target lengths (batch,) under the length
-        classifier."""
+        classifier, averaged over the sentences, in float32: per sentence -(1 - eps) log p(T|x)
+        - eps * the mean of log p(c|x) over all max_len+1 classes c (the true one included),
+        eps = cfg.label_smoothing (as F.cross_entropy's label_smoothing)."""
         # >>> exercise 1: the length classifier and its loss
         return F.cross_entropy(self.length_logits(enc).float(), lengths,
                                label_smoothing=self.cfg.label_smoothing)
@@ -434,8 +448,9 @@ class Transformer(nn.Module):
         tokens, output layer in float32, no token masked (scoring_log_probs).
         AR:  log p(y <eos> | x)                        (NPD rescoring of NAR candidates)
         NAR: log p(T|x) + sum_t log p(y_t | x, T)      (the E-step's selection score, as the
-             official score_nat.py computes it: the length term included, not
-             length-normalised)."""
+             official score_nat.py computes it: the length term included, not length-normalised),
+             each sentence with its own length T and its own length distribution; the PAD
+             positions of a shorter target add nothing."""
         enc, enc_keep = self.encode(src)
         if self.cfg.kind == "ar":
             dec_in, dec_out = self.ar_inputs_outputs(tgt)

@@ -29,8 +29,8 @@ paper to the code of docs/method.md. docs/method.md ships as it is, after a chec
 expected figure and names no file the copy lacks (SHIPPED_DOCS, TEACHER_ONLY); --with-expected-figures
 adds docs/results.md (the expected figures) with a note on top. tests/test_classroom.py proves that
 each exercise's grading tests fail on its stub, and only there, that grading passes exactly for the
-solved exercises as a student solves them one by one, and that plausible wrong solutions fail their
-exercise's grading.
+solved exercises as a student solves them one by one, that plausible wrong solutions fail their
+exercise's grading, and that right solutions written otherwise than the reference pass it.
 """
 import argparse
 import ast
@@ -44,7 +44,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = tuple(name for name in ("options.py", "model.py", "data.py", "decode.py", "em_nat.py", "train.py",
                                   "report.py")
                 if os.path.isfile(os.path.join(ROOT, name)))
-PROJECT_FILES = ("requirements.txt", "pytest.ini")       # copied as they are (the modules: stubbed)
+# Copied as they are (the modules: stubbed); the licence asks to be kept with every copy.
+PROJECT_FILES = ("LICENSE", "requirements.txt", "pytest.ini")
 # In tests/, never in a copy: the teacher's tools, and test_docs.py, which checks the project's README and
 # docs/ pages (a copy holds its own README and docs/method.md only).
 TEACHER_FILES = ("student_copy.py", "test_classroom.py", "test_docs.py")

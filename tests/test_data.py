@@ -42,6 +42,67 @@ def test_bpe_learns_the_classic_merges():
     assert learn_bpe(counts, 4) == [("e", "s"), ("es", "t</w>"), ("l", "o"), ("e", "w")]
 
 
+def assert_each_merge_is_the_most_frequent_pair(word_counts, merges, num_merges):
+    """A check by brute force: recount every pair of the words merged so far before each merge
+    (overlapping occurrences too, each word weighted by its count); the merge must be the most
+    frequent pair, the smallest of equal ones; merging stops at num_merges or when no pair
+    occurs twice."""
+    words = {tuple(w[:-1]) + (w[-1] + "</w>",): n for w, n in word_counts.items()}
+    for step in range(num_merges + 1):
+        counts = {}
+        for symbols, n in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + n
+        best = min(counts, key=lambda pair: (-counts[pair], pair)) if counts else None
+        if step == num_merges or best is None or counts[best] < 2:
+            assert len(merges) == step, (f"merge {step + 1} of {num_merges}: the most frequent "
+                                         f"pair occurs {counts.get(best, 0)} times")
+            return
+        assert len(merges) > step, f"{len(merges)} merges, but {best} occurs {counts[best]} times"
+        got = tuple(merges[step])
+        assert got == best, \
+            f"merge {step + 1}: {got} ({counts.get(got)}) instead of {best} ({counts[best]})"
+        merged = {}
+        for symbols, n in words.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if symbols[i:i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        words = merged
+
+
+@pytest.mark.exercise(9)
+@pytest.mark.parametrize("seed", range(4))
+def test_bpe_merges_equal_brute_force(seed):
+    # Small alphabets, so that counts tie and merges reach across earlier merges; repeated letters
+    # (overlapping pairs: a a a a</w>); words seen up to 9 times; more merges asked than can be
+    # made.
+    rng = random.Random(seed)
+    letters = "ab" if seed % 2 else "abcd"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 7))) for _ in range(60)]
+    counts = {word: rng.randint(1, 9) for word in words}
+    counts["aaaa"] = 3
+    merges = learn_bpe(dict(counts), 80)
+    assert_each_merge_is_the_most_frequent_pair(counts, merges, 80)
+    assert learn_bpe(dict(counts), 7) == merges[:7]
+
+
+@pytest.mark.exercise(9)
+def test_bpe_boundaries_known_answers():
+    assert learn_bpe({}, 5) == []                                      # nothing to learn
+    assert learn_bpe({"low": 5, "lower": 2}, 0) == []                  # no merge asked
+    assert learn_bpe({"ab": 1, "cd": 1}, 5) == []                      # no pair occurs twice
+    assert learn_bpe({"aaaa": 1}, 5) == [("a", "a")]                   # (a, a) twice, then once
+    # (a, b) twice (a b a b a b</w>), then every pair once (ab ab a b</w>): 1 merge of the 3 asked
+    assert learn_bpe({"ababab": 1}, 3) == [("a", "b")]
+    assert learn_bpe({"ba": 2, "ab": 2}, 1) == [("a", "b</w>")]       # a tie: the smallest pair
+
+
 @pytest.mark.exercise(9)
 def test_bpe_encoding_then_removal_restores_the_text():
     rng = random.Random(0)

@@ -26,6 +26,23 @@ def tiny(kind, vocab_size=20, seed=0, **kw):
     return model
 
 
+def assert_odd_equals_brute_force(logp, lengths):
+    """odd_viterbi against enumeration of every sequence with no two equal neighbours (of the
+    tokens that are not -inf), row by row: tokens (batch, t) PAD past the length, and scores."""
+    n, t, v = logp.shape
+    tokens, scores = odd_viterbi(logp, lengths)
+    assert tokens.shape == (n, t) and scores.shape == (n,)
+    for row, table in enumerate(logp.tolist()):
+        length = int(lengths[row])
+        allowed = [[y for y in range(v) if table[i][y] > float("-inf")] for i in range(length)]
+        no_repeats = (seq for seq in itertools.product(*allowed)
+                      if all(a != b for a, b in zip(seq, seq[1:])))
+        best = max(no_repeats, key=lambda seq: sum(table[i][y] for i, y in enumerate(seq)))
+        assert tokens[row, :length].tolist() == list(best)
+        assert tokens[row, length:].eq(PAD).all()
+        assert abs(float(scores[row]) - sum(table[i][y] for i, y in enumerate(best))) < 1e-4
+
+
 @pytest.mark.exercise(4)
 @pytest.mark.parametrize("seed", range(20))
 def test_odd_viterbi_equals_brute_force(seed):
@@ -33,16 +50,19 @@ def test_odd_viterbi_equals_brute_force(seed):
     n, t, v = 4, 5, 5
     logp = torch.randn(n, t, v, generator=g).log_softmax(-1)
     lengths = torch.randint(1, t + 1, (n,), generator=g)
-    tokens, scores = odd_viterbi(logp, lengths)
-    for row in range(n):
-        length = int(lengths[row])
-        best = max((seq for seq in itertools.product(range(v), repeat=length)
-                    if all(a != b for a, b in zip(seq, seq[1:]))),
-                   key=lambda seq: sum(float(logp[row, i, y]) for i, y in enumerate(seq)))
-        assert tokens[row, :length].tolist() == list(best)
-        assert tokens[row, length:].eq(PAD).all()
-        expected = sum(float(logp[row, i, y]) for i, y in enumerate(best))
-        assert abs(float(scores[row]) - expected) < 1e-4
+    assert_odd_equals_brute_force(logp, lengths)
+
+
+@pytest.mark.exercise(4)
+@pytest.mark.parametrize("seed", range(4))
+def test_odd_viterbi_as_nar_decode_calls_it(seed):
+    # The special tokens at -inf (decoding_log_probs), a batch with every length from 1 to t, and
+    # outputs of one position (t = 1: no neighbours at all).
+    g = torch.Generator().manual_seed(seed)
+    for n, t, lengths in ((5, 4, [4, 1, 3, 2, 4]), (3, 1, [1, 1, 1])):
+        banned = torch.zeros(8).index_fill(0, torch.tensor([PAD, EOS, UNK, BOS]), float("-inf"))
+        logp = (torch.randn(n, t, 8, generator=g) * 2 + banned).log_softmax(-1)
+        assert_odd_equals_brute_force(logp, torch.tensor(lengths))
 
 
 @pytest.mark.exercise(4)
@@ -224,7 +244,10 @@ class HistoryLM:
         assert history.size(1) == step + 1, "the cache must grow by one step per call"
         cache["history"] = history
         sentence = enc[:, 0, 0].long().repeat_interleave(token.size(0) // enc.size(0))
-        return self.table[sentence, self.context(history)]  # (rows, vocab)
+        return self.step_logits(sentence, history)           # (rows, vocab)
+
+    def step_logits(self, sentence, history):
+        return self.table[sentence, self.context(history)]
 
     def reorder_cache(self, cache, index):
         cache["history"] = cache["history"].index_select(0, index)
@@ -388,6 +411,106 @@ def test_stop_rule_is_exact(worst_finished, done):
     assert bool(state.scores[0, 0] == float("-inf")) == done
 
 
+@pytest.mark.exercise(6)
+@pytest.mark.parametrize("worst_finished, done", [((-1.1, -2.1), (False, False)),
+                                                   ((-1.0, -1.5), (True, True))])
+def test_stop_rule_bounds_each_sentence_by_its_own_longest_output(worst_finished, done):
+    # Known answers. Two sentences at step 2, alpha 1.4, with limits of 10 and 4 tokens; their best
+    # live extension scores -3 - log 3 = -4.0986 raw (every next token costs log 3). Sentence 0 can
+    # reach -4.0986 / ((5 + 11) / 6)^1.4 = -1.0381, sentence 1 -4.0986 / ((5 + 5) / 6)^1.4 =
+    # -2.0046:
+    # sentence 0 goes on against -1.1 (with the penalty of 10 tokens, -1.1363, it would stop) and
+    # stops at -1.0; sentence 1 goes on against -2.1 and stops at -1.5 (with sentence 0's bound,
+    # -1.0381, it would go on). A done sentence has all its live scores at -inf, the others none.
+    logits = torch.full((4, 6), float("-inf"))
+    logits[:, [EOS, 4, 5]] = 0.0
+    max_len = torch.tensor([10, 4])
+    state = BeamState(index=torch.tensor([0, 1]), max_len=max_len, shortest_limit=4,
+                      bound=length_penalty(max_len + 1, 1.4),
+                      tokens=torch.tensor([[BOS, 4, 5], [BOS, 5, 4], [BOS, 4, 4], [BOS, 5, 5]]),
+                      scores=torch.tensor([[-3.0, -4.0], [-3.0, -4.0]]),
+                      fin_tokens=torch.full((2, 2, 11), PAD),
+                      fin_scores=torch.tensor([[-0.1, w] for w in worst_finished]))
+    state, _ = beam_step(state, logits, 2, 2, 1.4)
+    for sentence, (w, stops) in enumerate(zip(worst_finished, done)):
+        assert state.fin_scores[sentence].tolist() == pytest.approx([-0.1, w])
+        live = state.scores[sentence]
+        assert ((live == float("-inf")) if stops else (live > float("-inf"))).all(), sentence
+
+
+@pytest.mark.exercise(6)
+def test_stop_rule_stops_on_a_tie():
+    # Known answer, exact in floating point: alpha 0 (the bound is 1), each live hypothesis has one
+    # allowed token (log-probability exactly 0), so the best live extension scores exactly -1.0,
+    # equal to the k-th finished score: nothing can beat it any more, and the sentence is done.
+    logits = torch.full((2, 6), float("-inf"))
+    logits[0, 4] = logits[1, 5] = 0.0
+    state = BeamState(index=torch.tensor([0]), max_len=torch.tensor([10]), shortest_limit=10,
+                      bound=length_penalty(torch.tensor([11]), 0.0),
+                      tokens=torch.tensor([[BOS, 4], [BOS, 5]]),
+                      scores=torch.tensor([[-1.0, -2.0]]), fin_tokens=torch.full((1, 2, 11), PAD),
+                      fin_scores=torch.tensor([[-0.5, -1.0]]))
+    state, _ = beam_step(state, logits, 1, 2, 0.0)
+    assert state.fin_scores[0].tolist() == [-0.5, -1.0]
+    assert (state.scores[0] == float("-inf")).all()
+
+
+class ChainLM(HistoryLM):
+    """A stand-in AR model built for the stop test (vocabulary <pad> <eos> <unk> <bos> 4 5 6): after
+    the empty prefix, <eos> has log-probability first_eos[s] and token 4 -1.0 (5 and 6 share the
+    rest); after that, token 4 is near-certain until the sentence's limit, where <eos> is. So the
+    empty output finishes first, and the output of `limit` 4s finishes last, with about
+    -1.0 / penalty(limit + 1): better, and found only by a search that does not stop early."""
+
+    def __init__(self, first_eos, limits):
+        self.first_eos, self.limits = first_eos, limits
+
+    def logits(self, sentence, prefix):
+        out = torch.full((7,), -9.0)
+        out[[PAD, BOS, UNK]] = float("-inf")
+        if not prefix:
+            rest = math.log((1 - math.exp(self.first_eos[sentence]) - math.exp(-1.0)) / 2)
+            out[EOS], out[4], out[5], out[6] = self.first_eos[sentence], -1.0, rest, rest
+        else:
+            out[4 if len(prefix) < self.limits[sentence] else EOS] = 0.0
+        return out
+
+    def step_logits(self, sentence, history):
+        rows = zip(sentence.tolist(), history.tolist())
+        return torch.stack([self.logits(s, h[1:]) for s, h in rows])
+
+    def next_log_probs(self, sentence, prefixes):
+        return torch.stack([self.logits(sentence, p) for p in prefixes]).log_softmax(-1)
+
+
+@pytest.mark.exercise(6)
+def test_an_exact_stop_test_waits_for_a_long_better_output():
+    # Beam 1, alpha 1, two sentences with limits of 6 and 3 tokens. After step 0 the empty output
+    # has finished (-0.52 and -0.7) and the live 4 scores -1.0: it can still reach
+    # -1.0 / ((5 + 7) / 6) = -0.5 and -1.0 / ((5 + 4) / 6) = -0.667, so the search goes on and
+    # finds the 4s, the brute-force best. A stop test with a smaller penalty (the current length's,
+    # or max_len's without <eos>) stops at step 0 and returns the empty output instead.
+    lm = ChainLM(first_eos=[-0.52, -0.7], limits=[6, 3])
+    tokens, scores = ar_beam_search(lm, torch.tensor([[0], [1]]), beam=1, alpha=1.0, nbest=1,
+                                    max_len=torch.tensor(lm.limits))
+    for row, limit in enumerate(lm.limits):
+        log_probs = {}
+
+        def normalised(seq):
+            total = 0.0
+            for i, token in enumerate(seq + (EOS,)):
+                if seq[:i] not in log_probs:
+                    log_probs[seq[:i]] = lm.next_log_probs(row, [list(seq[:i])])[0].tolist()
+                total += log_probs[seq[:i]][token]
+            return total / ((5 + len(seq) + 1) / 6)
+
+        outputs = [seq for n in range(limit + 1) for seq in itertools.product([4, 5, 6], repeat=n)]
+        best = max(outputs, key=normalised)
+        assert list(best) == [4] * limit
+        assert [t for t in tokens[row, 0].tolist() if t != PAD] == [4] * limit, f"sentence {row}"
+        assert float(scores[row, 0]) == pytest.approx(normalised(best), abs=1e-5)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_large_beam_finds_the_brute_force_best(alpha):
     # Vocabulary: 4 specials + 3 real tokens; outputs of at most 3 tokens (+ <eos>): 40 sequences.
@@ -474,19 +597,49 @@ def test_length_window_known_answers(center, beam, expected):
 
 
 @pytest.mark.exercise(5)
-def test_npd_scores_known_answer():
-    # NPD ranks a NAR candidate y by log p_AR(y <eos> | x) / ((5 + |y| + 1) / 6)^alpha: the penalty
-    # counts <eos>, as beam search does for finished outputs. A stand-in AR model gives -3 and -6.
-    class Rescorer:
-        def score(self, src, tokens):
-            return torch.tensor([-3.0, -6.0])
+@pytest.mark.parametrize("beam, max_len", [(5, 16), (4, 16), (1, 16), (16, 16), (3, 3)])
+def test_length_window_of_a_batch_equals_brute_force(beam, max_len):
+    # Every sentence its own window, in one call: of all the B consecutive lengths within
+    # [1, max_len], the window whose first length is nearest to L - floor(B/2).
+    centers = torch.tensor([c for c in (8, 1, 2, max_len - 1, 3, max_len, 9) if 1 <= c <= max_len])
+    got = length_window(centers, beam, max_len)
+    assert got.shape == (len(centers), beam) and got.dtype == torch.long
+    for row, center in enumerate(centers.tolist()):
+        starts = range(1, max_len - beam + 2)
+        start = min(starts, key=lambda s: abs(s - (center - beam // 2)))
+        assert got[row].tolist() == list(range(start, start + beam)), f"centre {center}"
 
-    tokens = torch.tensor([[4, 5, PAD, PAD], [4, 5, 6, 7]])
-    candidates = torch.ones(2, 3, dtype=torch.long)
-    got = npd_scores(Rescorer(), candidates, tokens, torch.tensor([2, 4]), 1.0)
-    assert got.tolist() == pytest.approx([-3.0 / (8 / 6), -6.0 / (10 / 6)])
-    got = npd_scores(Rescorer(), candidates, tokens, torch.tensor([2, 4]), 0.0)
-    assert got.tolist() == pytest.approx([-3.0, -6.0])
+
+class TableRescorer:
+    """A stand-in AR model for NPD with known scores: log p_AR(y <eos> | x) = sum over y's tokens of
+    w[x_0, y_t] + w[x_0, <eos>]. It checks what it is given: sources and PAD-padded targets, one row
+    per candidate."""
+
+    def __init__(self):
+        self.w = -torch.arange(1.0, 81.0).view(8, 10) / 20
+
+    def score(self, src, tgt):
+        assert src.shape[0] == tgt.shape[0] and int(src[:, 0].max()) < 8, "score(src, tokens)"
+        tok = self.w[src[:, :1], tgt].masked_fill(tgt == PAD, 0.0).sum(1)
+        return tok + self.w[src[:, 0], EOS]
+
+    def by_hand(self, src_row, seq):
+        return sum(float(self.w[src_row[0], y]) for y in seq) + float(self.w[src_row[0], EOS])
+
+
+@pytest.mark.exercise(5)
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 0.6])
+def test_npd_scores_known_answer(alpha):
+    # NPD ranks a NAR candidate y by log p_AR(y <eos> | x) / ((5 + |y| + 1) / 6)^alpha: the penalty
+    # counts <eos>, as beam search does for finished outputs, and each row has its own length.
+    src = torch.tensor([[1, 9, 9], [5, 9, PAD], [7, 8, 8]])
+    tokens = torch.tensor([[4, 5, PAD, PAD], [4, 5, 6, 7], [9, PAD, PAD, PAD]])
+    lengths = torch.tensor([2, 4, 1])
+    rescorer = TableRescorer()
+    got = npd_scores(rescorer, src, tokens, lengths, alpha)
+    expected = [rescorer.by_hand(s, [y for y in seq if y != PAD]) / ((5 + n + 1) / 6) ** alpha
+                for s, seq, n in zip(src.tolist(), tokens.tolist(), lengths.tolist())]
+    assert got.shape == (3,) and got.tolist() == pytest.approx(expected)
 
 
 def test_nar_decodes_the_window_at_both_edges():

@@ -13,8 +13,8 @@ import torch
 import em_nat
 import report
 import train
-from decode import NBest, nbest_ids
-from model import ModelConfig, Transformer
+from decode import nbest_ids
+from model import UNK, ModelConfig, Transformer
 
 torch.set_num_threads(2)
 
@@ -37,13 +37,15 @@ def test_selection_keeps_the_candidate_with_the_highest_nar_score():
     sources = [[rng.randint(4, 11) for _ in range(rng.randint(2, 6))] for _ in range(7)]
     candidates = [[[rng.randint(4, 11) for _ in range(rng.randint(1, 7))] for _ in range(5)]
                   for _ in sources]
-    # an empty AR output can never be chosen
-    candidates[0][2] = []
-    run = types.SimpleNamespace(decode_tokens=64, device="cpu", precision="fp32")
+    candidates[0][2] = []                                     # an empty AR output is never chosen
+    candidates[1][0] = [rng.randint(4, 11) for _ in range(10)]   # max_len tokens: scored
+    candidates[2][1] = [5, UNK, 7]                             # <unk> too has its probability
+    run = types.SimpleNamespace(decode_tokens=64, device="cpu", precision="fp32")   # padded batches
     selected, scores = nar_choice(run, nar, sources, candidates)
-    for src, cands, chosen, score in zip(sources, candidates, selected, scores):
-        direct = [float(nar.score(torch.tensor([src]), torch.tensor([c]))) if c else float("-inf")
-                  for c in cands]
+    all_scores = em_nat.candidate_nar_scores(run, nar, sources, candidates)
+    for src, cands, chosen, score, row in zip(sources, candidates, selected, scores, all_scores):
+        direct = [by_hand_nar_score(nar, src, c) for c in cands]
+        assert row == pytest.approx(direct, abs=1e-4)
         assert chosen == cands[max(range(len(cands)), key=direct.__getitem__)]
         assert abs(score - max(direct)) < 1e-4
 
@@ -102,12 +104,18 @@ def test_selection_by_a_stand_in_nar_model(seed):
     sets[2] = [[6, 5, 8], [6, 7, 8], [6, 5, 8, 9, 9, 9, 9, 9, 9, 9, 9]]
     # longer than max_len: cannot be scored, kept
     sets[3] = [[4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]]
+    sets[4] = [[5] * 11, [5] * 10]                           # too long; max_len tokens: scored
+    sets[5] = [[], [4] * 11]                                 # nothing can be scored: the first
     # several batches
     run = types.SimpleNamespace(decode_tokens=24, device="cpu", precision="fp32")
     selected, scores = nar_choice(run, nar, sources, sets)
     assert selected[2] == [6, 5, 8] and selected[1] == [] and selected[3] == sets[3][0]
-    for src, cands, chosen, score in zip(sources, sets, selected, scores):
+    assert selected[4] == sets[4][1] and selected[5] == []
+    all_scores = em_nat.candidate_nar_scores(run, nar, sources, sets)
+    assert [len(row) for row in all_scores] == [len(cands) for cands in sets]
+    for src, cands, chosen, score, row in zip(sources, sets, selected, scores, all_scores):
         direct = [nar.direct(src, c) if len(c) <= 10 else float("-inf") for c in cands]
+        assert row == pytest.approx(direct, abs=1e-5)        # -inf exactly where it cannot score
         best = max(direct)
         assert chosen in cands
         assert direct[cands.index(chosen)] == pytest.approx(best, abs=1e-5) or best == float("-inf")
@@ -131,6 +139,35 @@ def without_exercise_2(nar):
         return enc[:, :1] + nar.tgt_pos.weight[:t][None] * 4.0                  # (batch, t, d)
     nar.nar_states = states
     return nar
+
+
+def by_hand_nar_score(nar, src, cand):
+    """log p(T|x) + sum_t log p(y_t|x,T) of one candidate, by hand from the length classifier's
+    and the decoder's logits, one sentence at a time (-inf for an empty candidate)."""
+    if not cand:
+        return float("-inf")
+    with torch.no_grad():
+        enc, keep = nar.encode(torch.tensor([src]))
+        length_logp = nar.length_logits(enc)[0].float().log_softmax(-1)[len(cand)]
+        logp = token_log_probs(nar, src, len(cand))
+    return float(length_logp) + sum(float(logp[i, y]) for i, y in enumerate(cand))
+
+
+@pytest.mark.exercise(7)
+@torch.no_grad()
+def test_the_nar_score_of_a_padded_batch_by_hand():
+    # Transformer.score on one batch of sentences with their own sources (so their own length
+    # distributions) and targets of different lengths, PAD-padded (one of 1 token, one of max_len):
+    # each sentence's score as computed by hand, one at a time.
+    nar, rng = tiny_nar(seed=2, sharpness=2.0), random.Random(2)
+    nar.length_logits = lambda enc: 3 * enc[:, 0, :11]       # its own (not exercise 1's)
+    sources = [[rng.randint(4, 19) for _ in range(n)] for n in (3, 6, 2, 5)]
+    targets = [[rng.randint(4, 19) for _ in range(n)] for n in (4, 1, 10, 7)]
+    pad = lambda rows: torch.tensor([r + [0] * (max(map(len, rows)) - len(r)) for r in rows])
+    got = nar.score(pad(sources), pad(targets))
+    assert got.shape == (4,)
+    expected = [by_hand_nar_score(nar, s, t) for s, t in zip(sources, targets)]
+    assert got.tolist() == pytest.approx(expected, abs=1e-4)
 
 
 def token_log_probs(nar, src, length):
@@ -255,39 +292,90 @@ def test_pipeline_artefacts_and_resume(tmp_path, monkeypatch):
     assert quality_columns(resumed) == quality_columns(full)
 
 
-@pytest.mark.exercise(8)
-@pytest.mark.parametrize("iterations", [0, 2])
-def test_the_loop_with_stand_in_stages(monkeypatch, iterations):
-    # Which model proposes Q, which selects in it, what every model is trained on and starts from:
-    # recorded from stand-in stages, E-step and distillation (no training, nothing else graded).
-    calls = []
+class StandInModel(types.SimpleNamespace):
+    """What a stand-in stage's handle.model() returns: the stage's name and kind, nothing else."""
+
+    def __str__(self):
+        return f"{self.name} model"
+
+
+def loop_with_stand_in_stages(monkeypatch, iterations, distillation_targets=None, finished=()):
+    """Run em_nat.em_loop on stand-in stages, E-step and distillation (no training, nothing else
+    graded), and record what each stage is trained on (None: finished, its targets not computed),
+    starts from and is rescored by, and which models were loaded. The stand-in e_step reads the AR
+    and NAR models and the iteration number from its arguments, in whatever order they come."""
+    calls, loaded, training = [], [], []
 
     class Run:
         em = types.SimpleNamespace(iterations=iterations, selection="nar")
-        cfg = types.SimpleNamespace(data=types.SimpleNamespace(distillation_targets=None))
+        cfg = types.SimpleNamespace(data=types.SimpleNamespace(
+            distillation_targets=distillation_targets))
         train_ids = [([4], [5]), ([6], [7])]
+        train_sources = [[4], [6]]
         results = "results"
 
         def stage(self, name, kind, trained_on, make_targets, init_from=None, rescorer=None):
-            calls.append((name, kind, make_targets(), getattr(init_from, "name", None),
+            training.append(name)
+            targets = None if name in finished else make_targets()
+            calls.append((name, kind, targets, getattr(init_from, "name", None),
                           getattr(rescorer, "name", None)))
-            return types.SimpleNamespace(name=name, model=lambda: f"{name} model")
 
-        def e_step(self, stage, ar, nar, i):
-            return f"{stage}: Q of {ar.model()}, chosen by {nar.model()} (iteration {i})"
+            def model():
+                loaded.append(name)
+                return StandInModel(name=name, kind=kind)
+            return types.SimpleNamespace(name=name, model=model)
+
+        def read_distillation_targets(self, path):
+            return f"targets read from {path}"
+
+        def e_step(self, *args, **kwargs):
+            # The E-step of a stage: its AR and NAR models come as stage handles (loaded here, as
+            # Run.e_step loads them) or as models, with the iteration, in whatever order.
+            given = [a.model() if isinstance(a, types.SimpleNamespace) else a
+                     for a in list(args) + list(kwargs.values())]
+            models = {m.kind: m for m in given if isinstance(m, StandInModel)}
+            numbers = [a for a in given if isinstance(a, int) and not isinstance(a, bool)]
+            assert len(models) == 2 and len(numbers) == 1, \
+                f"e_step needs an AR model, a NAR model and the iteration: {given}"
+            assert all(a == training[-1] for a in given
+                       if isinstance(a, str) and a.startswith("em")), \
+                f"e_step's stage is the one it computes the targets of, {training[-1]}: {given}"
+            return f"Q of {models['ar']}, chosen by {models['nar']} (iteration {numbers[0]})"
 
     monkeypatch.setattr(em_nat, "distil", lambda run, ar_model: f"outputs of {ar_model}")
     assert em_nat.em_loop(Run()) == "results"
+    return calls, loaded
+
+
+@pytest.mark.exercise(8)
+@pytest.mark.parametrize("iterations, distillation_targets", [(0, None), (2, None), (1, "kd.tgt")])
+def test_the_loop_with_stand_in_stages(monkeypatch, iterations, distillation_targets):
+    # Which model proposes Q, which selects in it, what every model is trained on, starts from and
+    # is rescored by; the first NAR model's targets are AR_0's outputs, or the precomputed ones of
+    # --distillation-targets.
+    calls, _ = loop_with_stand_in_stages(monkeypatch, iterations, distillation_targets)
+    kd = (f"targets read from {distillation_targets}" if distillation_targets
+          else "outputs of ar model")
     expected = [("ar", "ar", [[5], [7]], None, None),
                 ("nar-raw", "nar", [[5], [7]], None, "ar"),
-                ("nar-kd", "nar", "outputs of ar model", None, "ar"),
-                ("em1-ar", "ar", "em1-ar: Q of ar model, chosen by nar-kd model (iteration 1)",
-                 "ar", None),
+                ("nar-kd", "nar", kd, None, "ar"),
+                ("em1-ar", "ar", "Q of ar model, chosen by nar-kd model (iteration 1)", "ar", None),
                 ("em1-nar", "nar", "outputs of em1-ar model", "nar-kd", "em1-ar"),
-                ("em2-ar", "ar", "em2-ar: Q of em1-ar model, chosen by em1-nar model (iteration 2)",
+                ("em2-ar", "ar", "Q of em1-ar model, chosen by em1-nar model (iteration 2)",
                  "em1-ar", None),
                 ("em2-nar", "nar", "outputs of em2-ar model", "em1-nar", "em2-ar")]
     assert calls == expected[:3 + 2 * iterations]
+
+
+@pytest.mark.exercise(8)
+def test_the_loop_resumed_after_its_last_stage_recomputes_nothing(monkeypatch):
+    # Every stage already finished: the loop walks through them, but no targets are computed (no
+    # distillation, no E-step) and no model is loaded.
+    finished = ["ar", "nar-raw", "nar-kd", "em1-ar", "em1-nar", "em2-ar", "em2-nar"]
+    calls, loaded = loop_with_stand_in_stages(monkeypatch, 2, finished=finished)
+    assert [name for name, *_ in calls] == finished
+    assert all(targets is None for _, _, targets, *_ in calls)
+    assert loaded == [], f"models loaded although every stage is finished: {loaded}"
 
 
 def test_the_loop_runs_in_the_papers_order(tmp_path):

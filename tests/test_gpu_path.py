@@ -234,7 +234,7 @@ def test_the_e_step_decodes_in_few_batches_at_a_gpu_budget_ops():
     assert count["cuda"] <= math.ceil(count["cpu"] / 7)
 
 
-# ----- --compile -----------------------------------------------------------------------------------
+# ----- --compile ---------------------------------------------------------------------------------
 def test_compile_trains_through_the_compiled_network_ops(tmp_path, monkeypatch):
     """--compile: the loop trains through torch.compile(net, dynamic=True) (one compiled graph for
     the batches' changing shapes), whose parameters are the model's. torch.compile is replaced by a

@@ -8,7 +8,7 @@ import torch
 
 from data import collate
 from decode import ar_greedy
-from model import PAD, ModelConfig, Transformer
+from model import BOS, NEVER_EMITTED, PAD, ModelConfig, Transformer
 from train import TrainConfig, train_model
 
 torch.set_num_threads(2)
@@ -57,17 +57,65 @@ def test_ar_decoder_never_sees_the_future():
     assert not torch.allclose(logits[:, 3:], logits2[:, 3:], atol=1e-3)
 
 
+def assert_step_logits(logits, prefixes, model, src):
+    """ar_step's logits (rows, vocab) against a teacher-forced pass over each row's own prefix (one
+    sentence at a time, no cache): the never-emitted tokens exactly -inf, the others finite, and the
+    same distribution (logits may differ by a constant per row). prefixes: one list per row, <bos>
+    first; src: one source row per row."""
+    banned = torch.tensor(sorted(NEVER_EMITTED["ar"]))
+    assert logits.shape == (len(prefixes), model.cfg.vocab_size)
+    assert (logits[:, banned] == float("-inf")).all(), "tokens never emitted must be at -inf"
+    allowed = torch.ones(model.cfg.vocab_size, dtype=torch.bool).index_fill(0, banned, False)
+    assert torch.isfinite(logits[:, allowed]).all()
+    with torch.no_grad():
+        for row, (prefix, source) in enumerate(zip(prefixes, src)):
+            enc, keep = model.encode(source[None])
+            full = model.ar_logits(torch.tensor([prefix]), enc, keep)[0, -1] + model.banned
+            got, expected = logits[row].log_softmax(-1), full.log_softmax(-1)
+            assert torch.allclose(got[allowed], expected[allowed], atol=1e-5), (row, prefix)
+
+
 @pytest.mark.exercise(3)
 def test_cached_step_decoding_equals_teacher_forcing():
-    model = tiny("ar")
+    # In eval mode (dropout configured but off), step by step with the cache, a batch of sentences
+    # of different source lengths.
+    model = tiny("ar", dropout=0.3)
     src, tgt = random_batch()
     enc, keep = model.encode(src)
     dec_in, _ = model.ar_inputs_outputs(tgt)
-    full = model.decoding_log_probs(model.ar_logits(dec_in, enc, keep))   # (batch, t+1, vocab)
     cache = model.new_cache()
-    steps = [model.decoding_log_probs(model.ar_step(dec_in[:, i], i, enc, keep, cache))
-             for i in range(dec_in.size(1))]
-    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
+    with torch.no_grad():
+        for i in range(dec_in.size(1)):
+            logits = model.ar_step(dec_in[:, i], i, enc, keep, cache)
+            assert_step_logits(logits, dec_in[:, :i + 1].tolist(), model, src)
+
+
+@pytest.mark.exercise(3)
+def test_cached_steps_of_beam_hypotheses_that_switch_rows_and_sentences_that_leave():
+    # As beam search calls it: 2 sentences x 3 hypothesis rows (rows 0-2: sentence 0) that share
+    # their sentence's encoder row; between steps the cache is reordered (hypotheses switch
+    # parents, across the batch's rows) and shrunk (sentence 0 leaves the search). Every row's
+    # logits must be those of its own prefix.
+    model = tiny("ar", dropout=0.3)
+    src = random_batch()[0][:2]
+    enc, keep = model.encode(src)
+    cache, sentence = model.new_cache(), [0, 0, 0, 1, 1, 1]
+    prefixes = [[BOS] for _ in sentence]
+    plan = [([5, 6, 7, 8, 9, 10], None), ([11, 4, 5, 6, 7, 8], [2, 0, 0, 5, 3, 4]),
+            ([9, 9, 4, 12, 13, 5], [1, 2, 0, 3, 3, 4])]
+    with torch.no_grad():
+        for step, (tokens, rows) in enumerate(plan):
+            if rows is not None:                       # the search reorders its hypotheses
+                model.reorder_cache(cache, torch.tensor(rows))
+                prefixes = [list(prefixes[r]) for r in rows]
+            logits = model.ar_step(torch.tensor([p[-1] for p in prefixes]), step, enc, keep, cache)
+            assert_step_logits(logits, prefixes, model, src[sentence])
+            prefixes = [p + [t] for p, t in zip(prefixes, tokens)]
+        # sentence 0 is done: only the rows of sentence 1 and its encoder row go on
+        model.shrink_cache(cache, torch.tensor([3, 4, 5]), torch.tensor([1]))
+        prefixes, enc, keep = prefixes[3:], enc[1:], keep[1:]
+        logits = model.ar_step(torch.tensor([p[-1] for p in prefixes]), len(plan), enc, keep, cache)
+        assert_step_logits(logits, prefixes, model, src[[1, 1, 1]])
 
 
 def test_nar_decoder_output_does_not_depend_on_target_tokens():
@@ -101,6 +149,72 @@ def test_nar_decoder_input_is_the_position_embeddings():
     pos = model.tgt_pos.weight[:5].detach() * math.sqrt(model.cfg.d_model)         # (5, d)
     expected = torch.stack([pos * (torch.arange(5) < n)[:, None] for n in (3, 5, 1)])
     assert torch.allclose(inputs[0], expected, atol=1e-6)
+
+
+def first_decoder_input(model, lengths, enc, keep, max_tgt_len=None):
+    inputs = []
+    hook = model.decoder[0].register_forward_pre_hook(lambda layer, args: inputs.append(args[0]))
+    with torch.no_grad():
+        model.nar_states(lengths, enc, keep, max_tgt_len)
+    hook.remove()
+    return inputs[0]
+
+
+@pytest.mark.exercise(2)
+def test_nar_decoder_input_has_dropout_in_train_mode_only():
+    # Dropout p = 0.5 (cfg.dropout): in eval mode the input is exactly the masked scaled positions;
+    # in train mode every entry is either dropped (0) or kept and scaled by 1 / (1 - p) = 2, about
+    # half of each, and past the length everything stays 0. A batch of one, max_tgt_len past its
+    # length.
+    model = tiny("nar", dropout=0.5)
+    src, _ = random_batch()
+    with torch.no_grad():
+        enc, keep = model.encode(src)
+    lengths = torch.tensor([4, 6, 2])
+    pos = model.tgt_pos.weight[:7].detach() * math.sqrt(model.cfg.d_model)             # (7, d)
+    expected = torch.stack([pos * (torch.arange(7) < n)[:, None] for n in lengths.tolist()])
+    assert torch.allclose(first_decoder_input(model, lengths, enc, keep, 7), expected, atol=1e-6)
+    one = first_decoder_input(model, lengths[1:2], enc[1:2], keep[1:2])
+    assert torch.allclose(one, expected[1:2, :6], atol=1e-6)
+    model.train()
+    torch.manual_seed(1)
+    got = first_decoder_input(model, lengths, enc, keep, 7)
+    dropped, kept = got == 0, torch.isclose(got, 2 * expected, atol=1e-5)
+    assert (dropped | kept).all(), "in train mode every entry is dropped or scaled by 1 / (1 - p)"
+    real = expected != 0
+    assert 0.35 < dropped[real].float().mean() < 0.65
+    assert (got[~real] == 0).all()
+    assert (dropped[0, :2] != dropped[1, :2]).any(), "each sentence its own dropout"
+
+
+@pytest.mark.exercise(1)
+@pytest.mark.parametrize("eps", [0.0, 0.25])
+def test_length_classifier_of_a_batch_by_hand(eps):
+    # Every sentence its own logits from its own slot 0 (the length head's weights times slot 0, by
+    # hand; up to a constant per sentence), in eval and in train mode alike (dropout 0.5
+    # configured); the loss by hand, averaged over sentences of different lengths (one of them
+    # max_len): -(1 - eps) log p(T|x) - eps times the mean of log p(c|x) over all classes. And a
+    # batch of one.
+    model = tiny("nar", dropout=0.5, label_smoothing=eps)
+    src, _ = random_batch()
+    with torch.no_grad():
+        enc, _ = model.encode(src)
+    lengths = torch.tensor([7, 1, model.cfg.max_len])
+    weight = model.length_head.weight.detach()
+    by_hand = torch.stack([weight @ enc[row, 0] for row in range(3)])          # (3, max_len + 1)
+    logp = by_hand.log_softmax(-1)
+    losses = [-(1 - eps) * logp[row, lengths[row]] - eps * logp[row].mean() for row in range(3)]
+    for train_mode in (False, True):
+        model.train(train_mode)
+        with torch.no_grad():
+            logits = model.length_logits(enc)
+            assert logits.shape == (3, model.cfg.max_len + 1)
+            assert torch.allclose(logits.log_softmax(-1), logp, atol=1e-5)
+            assert model.length_logits(enc[1:2]).shape == (1, model.cfg.max_len + 1)
+            assert abs(model.length_loss(enc, lengths).item() - sum(losses).item() / 3) < 1e-5
+            assert abs(model.length_loss(enc[1:2], lengths[1:2]).item() - losses[1].item()) < 1e-5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.length_loss(enc, lengths).dtype == torch.float32
 
 
 @pytest.mark.exercise(2)
