@@ -334,7 +334,8 @@ MUTATIONS = [
     wrong(1, "c", "label smoothing fixed at 0.1", "model.py",
           "label_smoothing=self.cfg.label_smoothing)", "label_smoothing=0.1)"),
     wrong(1, "c", "no label smoothing", "model.py",
-          "lengths, label_smoothing=self.cfg.label_smoothing)", "lengths)"),
+          "lengths,\n                               label_smoothing=self.cfg.label_smoothing)",
+          "lengths)"),
     wrong(1, "c", "the smoothing spread over the other classes only, by hand", "model.py",
           region("model.py", 1, 1),
           "        logp = self.length_logits(enc).float().log_softmax(-1)\n"
@@ -345,7 +346,7 @@ MUTATIONS = [
           "label_smoothing=self.cfg.label_smoothing)",
           "label_smoothing=self.cfg.label_smoothing, reduction=\"sum\")"),
     wrong(1, "b", "length classes counted from 1 (T - 1)", "model.py",
-          "lengths, label_smoothing=self.cfg.label_smoothing)",
+          "lengths,\n                               label_smoothing=self.cfg.label_smoothing)",
           "lengths - 1, label_smoothing=self.cfg.label_smoothing)"),
     # 2: the NAR decoder's input
     wrong(2, "train/eval", "no dropout", "model.py",
@@ -541,7 +542,7 @@ MUTATIONS = [
           "if 0 < len(cand) <= nar_model.cfg.max_len]",
           "if 0 < len(cand) < nar_model.cfg.max_len]"),
     wrong(7, "a", "the padding of shorter targets scored", "model.py",
-          ".squeeze(-1).masked_fill(tgt == PAD, 0.0)  # (batch, t)", ".squeeze(-1)  # (batch, t)"),
+          ".squeeze(-1).masked_fill(tgt == PAD, 0.0)\n", ".squeeze(-1)\n"),
     wrong(7, "a", "the first sentence's length distribution for every sentence", "model.py",
           "return len_logp.gather(1, lengths[:, None]).squeeze(1) + tok.sum(1)\n",
           "return len_logp[0, lengths] + tok.sum(1)\n"),
@@ -583,7 +584,7 @@ MUTATIONS = [
 ]
 
 # Exercise 8's solutions replace the whole loop (so that they do not depend on how the reference
-# spells its e_step call): a student's loop, and variants of it.
+# spells its E-step call): a student's loop, and variants of it.
 EM_LOOP = """    real = [t for _, t in run.train_ids]
     ar = run.stage("ar", "ar", "real data", lambda: real)
     run.stage("nar-raw", "nar", "real data", lambda: real, rescorer=ar)
@@ -592,7 +593,7 @@ EM_LOOP = """    real = [t for _, t in run.train_ids]
     for i in range(1, run.em.iterations + 1):
         prev_ar, prev_nar = ar, nar
         ar = run.stage(f"em{i}-ar", "ar", "E-step",
-                       lambda: e_step(run, f"em{i}-ar", prev_ar.model(), prev_nar.model(), i),
+                       lambda: run.e_step(f"em{i}-ar", prev_ar, prev_nar, i),
                        init_from=prev_ar)
         nar = run.stage(f"em{i}-nar", "nar", "M-step", lambda: distil(run, ar.model()),
                         init_from=prev_nar, rescorer=ar)
@@ -619,13 +620,13 @@ MUTATIONS += [
           "    kd = first_distillation_targets(run, ar.model())\n"
           "    nar = run.stage(\"nar-kd\", \"nar\", \"KD\", lambda: kd,"),
          ("        ar = run.stage(f\"em{i}-ar\", \"ar\", \"E-step\",\n"
-          "                       lambda: e_step(run, f\"em{i}-ar\", prev_ar.model(), prev_nar.model(), i),\n",
-          "        targets = e_step(run, f\"em{i}-ar\", prev_ar.model(), prev_nar.model(), i)\n"
+          "                       lambda: run.e_step(f\"em{i}-ar\", prev_ar, prev_nar, i),\n",
+          "        targets = run.e_step(f\"em{i}-ar\", prev_ar, prev_nar, i)\n"
           "        ar = run.stage(f\"em{i}-ar\", \"ar\", \"E-step\", lambda: targets,\n")),
     loop("models loaded as soon as their stage returns", "c",
          ("        prev_ar, prev_nar = ar, nar\n",
           "        prev_ar, prev_nar = ar, nar\n        ar_model, nar_model = ar.model(), nar.model()\n"),
-         ("prev_ar.model(), prev_nar.model(), i)", "ar_model, nar_model, i)")),
+         ("prev_ar, prev_nar, i)", "ar_model, nar_model, i)")),
     loop("every NAR stage rescored by AR_0", "c",
          ("    ar = run.stage(\"ar\", \"ar\", \"real data\", lambda: real)\n",
           "    ar = ar_0 = run.stage(\"ar\", \"ar\", \"real data\", lambda: real)\n"),
@@ -639,7 +640,7 @@ MUTATIONS += [
     loop("the M-step distils AR_{i-1}", "c",
          ("lambda: distil(run, ar.model())", "lambda: distil(run, prev_ar.model())")),
     loop("AR_i trained from scratch", "c", ("                       init_from=prev_ar)", "                       )")),
-    loop("the E-step's iteration number one too low", "b", ("prev_nar.model(), i)", "prev_nar.model(), i - 1)")),
+    loop("the E-step's iteration number one too low", "b", ("prev_nar, i)", "prev_nar, i - 1)")),
 ]
 
 # Exercise 9's wrong solutions: the simple version (recount after every merge) and the incremental
@@ -927,7 +928,7 @@ RIGHT_SOLUTIONS = [
          "    i = 1\n"
          "    while i <= run.em.iterations:\n"
          "        def e_targets(ar=ar, nar=nar, i=i):\n"
-         "            return e_step(run, f\"em{i}-ar\", ar.model(), nar.model(), i)\n"
+         "            return run.e_step(f\"em{i}-ar\", ar, nar, i)\n"
          "        new_ar = run.stage(f\"em{i}-ar\", \"ar\", \"E-step\", e_targets, init_from=ar)\n"
          "\n"
          "        def m_targets(new_ar=new_ar):\n"
@@ -944,7 +945,7 @@ RIGHT_SOLUTIONS = [
          "                      rescorer=ars[0])]\n"
          "    for i in range(1, run.em.iterations + 1):\n"
          "        ars.append(run.stage(f\"em{i}-ar\", \"ar\", \"E-step\", init_from=ars[i - 1], make_targets=lambda:\n"
-         "                             e_step(run, f\"em{i}-ar\", ars[i - 1].model(), nars[i - 1].model(), i)))\n"
+         "                             run.e_step(f\"em{i}-ar\", ars[i - 1], nars[i - 1], i)))\n"
          "        nars.append(run.stage(f\"em{i}-nar\", \"nar\", \"M-step\", lambda: distil(run, ars[i].model()),\n"
          "                              init_from=nars[i - 1], rescorer=ars[i]))\n"
          "    return run.results\n"),)),
