@@ -1,14 +1,16 @@
 """The classroom exercises grade what they claim to (tests/student_copy.py writes the copies):
-- for every exercise, in a copy where only that exercise is cut out, its grading tests fail and every
-  other exercise's grading tests pass; in the reference project they all pass. An exercise whose grading
-  tests passed on the stub would grade nothing; one whose stub broke another's tests would grade unfairly;
-- a student who starts from a copy with every exercise cut out and solves them one by one sees grading
-  pass exactly for the exercises solved so far;
+- for every exercise, in a copy where only that exercise is cut out, its grading tests fail and
+  every other exercise's grading tests pass; in the reference project they all pass. An exercise
+  whose grading tests passed on the stub would grade nothing; one whose stub broke another's tests
+  would grade unfairly;
+- a student who starts from a copy with every exercise cut out and solves them one by one sees
+  grading pass exactly for the exercises solved so far;
 - a trial as a student would write them: plausible wrong solutions (MUTATIONS, at least six an
   exercise) fail their exercise's grading, right solutions written otherwise than the reference
   (RIGHT_SOLUTIONS, at least two an exercise) pass it;
-- the copy holds no answer (no line of a cut-out solution or of the tests' references survives anywhere
-  in it), no teacher tool and, unless asked, no expected figures; its README says how to grade.
+- the copy holds no answer (no line of a cut-out solution or of the tests' references survives
+  anywhere in it), no teacher tool and, unless asked, no expected figures; its README says how to
+  grade.
 The gradings run in two worker interpreters (`python tests/test_classroom.py JOBS.json`, see
 run_gradings) that import torch once and each graded copy afresh.
 This file is a teacher tool: it does not ship in a copy."""
@@ -23,22 +25,26 @@ from typing import NamedTuple
 
 import pytest
 
-from student_copy import (MODULES, MarkerError, ROOT, TEACHER_FILES, check_shipped_doc, exercise_regions,
-                          list_exercises, stub_file, shipped_test_files, stub_functions, write_student_copy)
+from student_copy import (MODULES, MarkerError, ROOT, TEACHER_FILES, check_shipped_doc,
+                          exercise_regions, list_exercises, stub_file, shipped_test_files,
+                          stub_functions, write_student_copy)
 
 
 # ----- grading many copies, a few interpreters -------------------------------------------------
 GRADING_MARK = re.compile(r"@pytest\.mark\.exercise\(([\d, ]+)\)")
-JOB_SECONDS = 120           # a grading that runs longer (a solution that never ends) stops there and fails
+JOB_SECONDS = 120           # a grading that runs longer (a solution that never ends) stops there
+                            # and fails
 
 
 def grading_files(project_dir, exercises):
-    """The test files of a project that hold grading tests of `exercises`: all a grading collects."""
+    """The test files of a project that hold grading tests of `exercises`: all a grading
+    collects."""
     found = []
     for name in sorted(os.listdir(os.path.join(project_dir, "tests"))):
         if name.endswith(".py"):
             with open(os.path.join(project_dir, "tests", name), encoding="utf-8") as f:
-                marked = {int(n) for args in GRADING_MARK.findall(f.read()) for n in args.split(",")}
+                marked = {int(n) for args in GRADING_MARK.findall(f.read())
+                          for n in args.split(",")}
             if marked & set(exercises):
                 found.append(os.path.join("tests", name))
     return found
@@ -52,10 +58,10 @@ def run_gradings(jobs_file):
     ({nodeid: {exercises, passed}}: the copy's conftest writes it) and JOBS.json.seconds."""
     import signal
     import time
-    import numpy, sacrebleu, torch, tqdm                           # noqa: F401 (kept for every job)
+    import numpy, sacrebleu, torch, tqdm                        # noqa: F401 (kept for every job)
     torch.set_num_threads(1)
-    torch.set_num_threads = lambda n: None                         # the test modules ask for 2
-    sys.dont_write_bytecode = True                                 # copies are written, then imported
+    torch.set_num_threads = lambda n: None                      # the test modules ask for 2
+    sys.dont_write_bytecode = True                              # copies are written, then imported
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
 
@@ -71,7 +77,7 @@ def run_gradings(jobs_file):
         os.chdir(job["dir"])
         signal.alarm(JOB_SECONDS)
         try:
-            pytest.main(["-q", "--tb=line", "-p", "no:cacheprovider",      # a line per failure: fast
+            pytest.main(["-q", "--tb=line", "-p", "no:cacheprovider",   # a line per failure: fast
                          *[f"--exercise={n}" for n in job["exercises"]],
                          *grading_files(job["dir"], job["exercises"])])
         finally:
@@ -89,9 +95,11 @@ def run_gradings(jobs_file):
 
 
 def grade_many(jobs, tmp_path, workers=2):
-    """Grade (project directory, exercises) jobs in `workers` interpreters side by side. Returns their
-    reports ({nodeid: {exercises, passed}}; {} where none was written) and seconds, in job order."""
-    tagged = [dict(dir=str(d), exercises=list(e), report=str(tmp_path / f"report-{i}.json"), index=i)
+    """Grade (project directory, exercises) jobs in `workers` interpreters side by side. Returns
+    their reports ({nodeid: {exercises, passed}}; {} where none was written) and seconds, in job
+    order."""
+    tagged = [dict(dir=str(d), exercises=list(e), report=str(tmp_path / f"report-{i}.json"),
+                   index=i)
               for i, (d, e) in enumerate(jobs)]
     parts = [tagged[w::workers] for w in range(workers)]
 
@@ -101,10 +109,12 @@ def grade_many(jobs, tmp_path, workers=2):
             json.dump(parts[w], f)
         log = tmp_path / f"worker-{w}.log"
         with open(log, "w") as f:
-            subprocess.run([sys.executable, os.path.abspath(__file__), jobs_file], cwd=ROOT, stdout=f,
-                           stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+            subprocess.run([sys.executable, os.path.abspath(__file__), jobs_file], cwd=ROOT,
+                           stdout=f, stderr=subprocess.STDOUT,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"),
                            timeout=60 + JOB_SECONDS * len(parts[w]))
-        assert os.path.exists(jobs_file + ".seconds"), f"grading worker {w} stopped:\n{log.read_text()[-3000:]}"
+        assert os.path.exists(jobs_file + ".seconds"), (f"grading worker {w} stopped:\n"
+                                                        f"{log.read_text()[-3000:]}")
         with open(jobs_file + ".seconds") as f:
             return json.load(f)
 
@@ -131,7 +141,8 @@ def test_every_exercise_is_graded_by_its_own_tests_only(tmp_path):
     for n in exercises:
         copies[n] = tmp_path / f"without-{n}"
         write_student_copy(str(copies[n]), [n])
-    reports, _ = grade_many([(ROOT, exercises)] + [(copies[n], exercises) for n in exercises], tmp_path)
+    reports, _ = grade_many([(ROOT, exercises)] + [(copies[n], exercises) for n in exercises],
+                            tmp_path)
     reference, graded = reports[0], dict(zip(exercises, reports[1:]))
     assert reference and all(t["passed"] for t in reference.values()), reference
     for n in exercises:
@@ -140,7 +151,8 @@ def test_every_exercise_is_graded_by_its_own_tests_only(tmp_path):
         report = graded[n]
         assert set(report) == set(reference)
         still_passing = [t for t in own if report[t]["passed"]]
-        assert not still_passing, f"exercise {n}: these grading tests pass on the stub: {still_passing}"
+        assert not still_passing, (f"exercise {n}: these grading tests pass on the stub: "
+                                   f"{still_passing}")
         broken = [t for t in report if n not in report[t]["exercises"] and not report[t]["passed"]]
         assert not broken, f"cutting out exercise {n} breaks the grading of others: {broken}"
 
@@ -149,9 +161,11 @@ def test_a_stub_names_its_exercise_and_the_rest_of_the_file_is_unchanged(tmp_pat
     source = tmp_path / "m.py"
     source.write_text("def f():\n    x = 1\n    # >>> exercise 3: a thing\n    return x + 1\n"
                       "    # <<< exercise 3\n\n\ndef g():\n    return 2\n")
-    assert stub_file(str(source), {3}) == ("def f():\n    x = 1\n    raise NotImplementedError(\"exercise 3 (a thing): "
-                                           "write this part; README 'Exercises' says what, and `python -m pytest "
-                                           "--exercise 3` grades it\")\n\n\ndef g():\n    return 2\n")
+    assert stub_file(str(source), {3}) == ("def f():\n    x = 1\n"
+                                           "    raise NotImplementedError(\"exercise 3 (a thing): "
+                                           "write this part; README 'Exercises' says what, and "
+                                           "`python -m pytest --exercise 3` grades it\")\n"
+                                           "\n\ndef g():\n    return 2\n")
     assert stub_file(str(source), {4}) == source.read_text()
     source.write_text("    # >>> exercise 3: a thing\n    return 1\n")
     with pytest.raises(MarkerError, match="m.py:1: exercise 3 is never closed"):
@@ -164,7 +178,8 @@ def test_the_full_student_copy_imports_and_runs_its_untouched_parts(tmp_path):
             "print(decode.length_penalty(torch.tensor(3), 1.0).item())\n"
             "try:\n    decode.odd_viterbi(torch.zeros(1, 2, 5), torch.tensor([2]))\n"
             "except NotImplementedError as e:\n    print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "copy", capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "copy", capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "1.3333333730697632"
     assert out.stdout.splitlines()[1].startswith("exercise 4 (ODD Viterbi): write this part")
@@ -182,14 +197,17 @@ def test_a_student_solving_the_exercises_one_by_one_passes_exactly_the_solved_on
         stage_dir = tmp_path / f"solved-{len(solved)}"
         shutil.copytree(copy, stage_dir)
         for name in MODULES:
-            (stage_dir / name).write_text(stub_file(os.path.join(ROOT, name), set(exercises) - set(solved)),
+            (stage_dir / name).write_text(stub_file(os.path.join(ROOT, name),
+                                                    set(exercises) - set(solved)),
                                           encoding="utf-8")
         dirs.append(stage_dir)
     reports, _ = grade_many([(d, exercises) for d in dirs], tmp_path)
     for solved, report in zip(stages, reports):
         assert report
-        wrong = {t: r for t, r in report.items() if r["passed"] != (set(r["exercises"]) <= set(solved))}
-        assert not wrong, f"solved {solved}: these grading tests pass on a stub or fail on a solution: {wrong}"
+        wrong = {t: r for t, r in report.items()
+                 if r["passed"] != (set(r["exercises"]) <= set(solved))}
+        assert not wrong, (f"solved {solved}: these grading tests pass on a stub or fail on a "
+                           f"solution: {wrong}")
 
 
 # ----- solutions written as a student would ------------------------------------------------------
@@ -210,9 +228,11 @@ def read_module(module):
 
 
 def region(module, exercise, number=0):
-    """The reference text of the `number`-th region of `exercise` in `module`, between its markers."""
+    """The reference text of the `number`-th region of `exercise` in `module`, between its
+    markers."""
     lines = read_module(module).split("\n")
-    spans = [(first, last) for n, _, _, first, last in exercise_regions(os.path.join(ROOT, module)) if n == exercise]
+    spans = [(first, last) for n, _, _, first, last in exercise_regions(os.path.join(ROOT, module))
+             if n == exercise]
     first, last = spans[number]
     return "\n".join(lines[first + 1:last]) + "\n"
 
@@ -268,28 +288,36 @@ TRIAL_REGIONS = {
 """,
     ("decode.py", 6, 0): """\
     n, k, steps = state.scores.size(0), beam, state.fin_tokens.size(2)
-    log_norm = logits.logsumexp(dim=1, keepdim=True)                      # (n * beam, 1) softmax normaliser
+    log_norm = logits.logsumexp(dim=1, keepdim=True)                      # (n * beam, 1) \
+softmax normaliser
     if step >= state.shortest_limit:                                       # a host int: no sync
-        # At the length limit only <eos> may follow, with its real log-probability (same normaliser).
+        # At the length limit only <eos> may follow, with its real log-probability (same \
+normaliser).
         logits = allow_only_eos(logits, (step >= state.max_len).repeat_interleave(k)[:, None])
     cand, origin, token = best_extensions(state.scores, logits, log_norm, 2 * k)   # (n, 2k) each
     ends = token == EOS
-    # Ended extensions: their prefix (without <bos>) and normalised score, merged into the finished set.
+    # Ended extensions: their prefix (without <bos>) and normalised score, merged into the \
+finished set.
     prefix = state.tokens.view(n, k, -1)[:, :, 1:].gather(1, origin[..., None].expand(-1, -1, step))
     ended = F.pad(prefix, (0, steps - step), value=PAD)                    # (n, 2k, steps)
     ended_scores = (cand / length_penalty(step + 1, alpha)).masked_fill(~ends, NEG_INF)
     fin_scores, pick = torch.cat([state.fin_scores, ended_scores], 1).topk(k, dim=1)   # (n, k)
-    fin_tokens = torch.cat([state.fin_tokens, ended], 1).gather(1, pick[..., None].expand(-1, -1, steps))
+    fin_tokens = torch.cat([state.fin_tokens, ended], 1).gather(1, \
+pick[..., None].expand(-1, -1, steps))
     # Live: the k best extensions that do not end.
     scores, pick = cand.masked_fill(ends, NEG_INF).topk(k, dim=1)         # (n, k)
     rows = (origin.gather(1, pick) + torch.arange(n, device=origin.device)[:, None] * k).view(-1)
-    tokens = torch.cat([state.tokens.index_select(0, rows), token.gather(1, pick).view(-1, 1)], dim=1)
-    # Exact stop test: log-probabilities only fall as a hypothesis grows and the penalty grows with its
-    # length, so no extension of a live hypothesis can score above (best live raw score) / (penalty of the
+    tokens = torch.cat([state.tokens.index_select(0, rows), token.gather(1, pick).view(-1, 1)], \
+dim=1)
+    # Exact stop test: log-probabilities only fall as a hypothesis grows and the penalty grows \
+with its
+    # length, so no extension of a live hypothesis can score above (best live raw score) / \
+(penalty of the
     # longest allowed output). Once that cannot beat the k-th finished score, the sentence is done.
     done = scores[:, 0] / state.bound <= fin_scores[:, -1]
     scores = scores.masked_fill(done[:, None], NEG_INF)
-    return replace(state, tokens=tokens, scores=scores, fin_tokens=fin_tokens, fin_scores=fin_scores), rows
+    return replace(state, tokens=tokens, scores=scores, fin_tokens=fin_tokens, \
+fin_scores=fin_scores), rows
 """,
 }
 
@@ -339,7 +367,8 @@ MUTATIONS = [
     wrong(1, "c", "the smoothing spread over the other classes only, by hand", "model.py",
           region("model.py", 1, 1),
           "        logp = self.length_logits(enc).float().log_softmax(-1)\n"
-          "        eps, true = self.cfg.label_smoothing, logp.gather(1, lengths[:, None]).squeeze(1)\n"
+          "        eps, true = self.cfg.label_smoothing, "
+          "logp.gather(1, lengths[:, None]).squeeze(1)\n"
           "        others = (logp.sum(-1) - true) / (logp.size(-1) - 1)\n"
           "        return (-(1 - eps) * true - eps * others).mean()\n"),
     wrong(1, "a", "the loss summed over the sentences", "model.py",
@@ -352,17 +381,21 @@ MUTATIONS = [
     wrong(2, "train/eval", "no dropout", "model.py",
           "x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[..., None])",
           "x = pos[None].expand(lengths.size(0), t, -1) * keep[..., None]"),
-    wrong(2, "train/eval", "F.dropout with its default training=True: dropout in eval mode too", "model.py",
+    wrong(2, "train/eval", "F.dropout with its default training=True: dropout in eval mode too",
+          "model.py",
           "x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[..., None])",
-          "x = F.dropout(pos[None].expand(lengths.size(0), t, -1) * keep[..., None], self.cfg.dropout)"),
+          "x = F.dropout(pos[None].expand(lengths.size(0), t, -1) * keep[..., None], "
+          "self.cfg.dropout)"),
     wrong(2, "c", "the dropout rate fixed at 0.1", "model.py",
           "x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[..., None])",
-          "x = F.dropout(pos[None].expand(lengths.size(0), t, -1) * keep[..., None], 0.1, self.training)"),
+          "x = F.dropout(pos[None].expand(lengths.size(0), t, -1) * keep[..., None], "
+          "0.1, self.training)"),
     wrong(2, "b", "positions counted from 1", "model.py",
           "pos = self.tgt_pos(torch.arange(t, device=lengths.device))",
           "pos = self.tgt_pos(torch.arange(1, t + 1, device=lengths.device))"),
     wrong(2, "c", "positions not scaled by sqrt(d)", "model.py",
-          "pos = self.tgt_pos(torch.arange(t, device=lengths.device)) * math.sqrt(self.cfg.d_model)",
+          "pos = self.tgt_pos(torch.arange(t, device=lengths.device)) "
+          "* math.sqrt(self.cfg.d_model)",
           "pos = self.tgt_pos(torch.arange(t, device=lengths.device))"),
     wrong(2, "c", "no mask: positions past the length kept", "model.py",
           "x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[..., None])",
@@ -372,16 +405,20 @@ MUTATIONS = [
           "x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[:1, :, None])"),
     wrong(2, "c", "the <pad> embedding as the placeholder", "model.py",
           "x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[..., None])",
-          "x = self.drop((self.embed_scaled(torch.zeros_like(lengths)[:, None]) + pos) * keep[..., None])"),
+          "x = self.drop((self.embed_scaled(torch.zeros_like(lengths)[:, None]) + pos) "
+          "* keep[..., None])"),
     wrong(2, "b", "the mask one position too long (i <= T)", "model.py",
           "x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[..., None])",
-          "x = self.drop(pos * (torch.arange(t, device=lengths.device)[None] <= lengths[:, None])[..., None])"),
+          "x = self.drop(pos * (torch.arange(t, device=lengths.device)[None] "
+          "<= lengths[:, None])[..., None])"),
     wrong(2, "a", "one dropout mask shared by every sentence of the batch", "model.py",
           "x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[..., None])",
           "x = self.drop(pos)[None] * keep[..., None]"),
-    wrong(2, "a", "max_tgt_len ignored: as many positions as the longest length", "model.py", region("model.py", 2),
+    wrong(2, "a", "max_tgt_len ignored: as many positions as the longest length", "model.py",
+          region("model.py", 2),
           "        n = int(lengths.max())\n"
-          "        pos = self.tgt_pos(torch.arange(n, device=lengths.device)) * math.sqrt(self.cfg.d_model)\n"
+          "        pos = self.tgt_pos(torch.arange(n, device=lengths.device)) "
+          "* math.sqrt(self.cfg.d_model)\n"
           "        x = self.drop(pos[None] * padding_mask(lengths, n)[..., None])\n"),
     # 3: the cached AR decoding step
     wrong(3, "d", "the never-emitted tokens not banned", "model.py",
@@ -395,16 +432,23 @@ MUTATIONS = [
     wrong(3, "c", "the position not scaled", "model.py",
           "pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)",
           "pos = self.tgt_pos.weight[step]"),
-    wrong(3, "a", "encoder rows tiled for the hypotheses (repeat, not one per sentence)", "model.py",
-          "        enc_mask = attention_mask(enc_keep)\n        for layer, layer_cache in zip(self.decoder, cache):",
+    wrong(3, "a", "encoder rows tiled for the hypotheses (repeat, not one per sentence)",
+          "model.py",
+          "        enc_mask = attention_mask(enc_keep)\n"
+          "        for layer, layer_cache in zip(self.decoder, cache):",
           "        group = token.size(0) // enc.size(0)\n"
           "        enc, enc_keep = enc.repeat(group, 1, 1), enc_keep.repeat(group, 1)\n"
-          "        enc_mask = attention_mask(enc_keep)\n        for layer, layer_cache in zip(self.decoder, cache):"),
-    wrong(3, "a", "encoder rows copied for every hypothesis row (the cross cache by hypothesis)", "model.py",
-          "        enc_mask = attention_mask(enc_keep)\n        for layer, layer_cache in zip(self.decoder, cache):",
+          "        enc_mask = attention_mask(enc_keep)\n"
+          "        for layer, layer_cache in zip(self.decoder, cache):"),
+    wrong(3, "a", "encoder rows copied for every hypothesis row (the cross cache by hypothesis)",
+          "model.py",
+          "        enc_mask = attention_mask(enc_keep)\n"
+          "        for layer, layer_cache in zip(self.decoder, cache):",
           "        group = token.size(0) // enc.size(0)\n"
-          "        enc, enc_keep = enc.repeat_interleave(group, 0), enc_keep.repeat_interleave(group, 0)\n"
-          "        enc_mask = attention_mask(enc_keep)\n        for layer, layer_cache in zip(self.decoder, cache):"),
+          "        enc, enc_keep = enc.repeat_interleave(group, 0), "
+          "enc_keep.repeat_interleave(group, 0)\n"
+          "        enc_mask = attention_mask(enc_keep)\n"
+          "        for layer, layer_cache in zip(self.decoder, cache):"),
     wrong(3, "c", "the source padding attended (no encoder mask)", "model.py",
           "            x = layer(x, enc, enc_mask, cache=layer_cache)",
           "            x = layer(x, enc, None, cache=layer_cache)"),
@@ -416,23 +460,28 @@ MUTATIONS = [
     # 4: ODD Viterbi
     wrong(4, "c", "ODD over the top-2 tokens per position", "decode.py",
           "logp.topk(min(k, logp.size(-1)), dim=-1)", "logp.topk(min(2, logp.size(-1)), dim=-1)"),
-    wrong(4, "c", "greedy, left to right: each position's best token unlike its left neighbour", "decode.py",
-          region("decode.py", 4),
+    wrong(4, "c", "greedy, left to right: each position's best token unlike its left neighbour",
+          "decode.py", region("decode.py", 4),
           "    n, t, _ = logp.shape\n"
           "    real = torch.arange(t, device=logp.device)[None, :] < lengths[:, None]\n"
           "    tokens, scores, prev = [], torch.zeros(n, device=logp.device), None\n"
           "    for s in range(t):\n"
-          "        step = logp[:, s] if prev is None else logp[:, s].scatter(1, prev[:, None], float(\"-inf\"))\n"
+          "        step = logp[:, s] if prev is None else "
+          "logp[:, s].scatter(1, prev[:, None], float(\"-inf\"))\n"
           "        score, prev = step.max(-1)\n"
           "        scores += score.masked_fill(~real[:, s], 0.0)\n"
           "        tokens.append(prev)\n"
           "    return torch.stack(tokens, 1).masked_fill(~real, PAD), scores\n"),
-    wrong(4, "b", "the back-pointers stacked into one tensor: nothing to stack at t = 1", "decode.py",
+    wrong(4, "b", "the back-pointers stacked into one tensor: nothing to stack at t = 1",
+          "decode.py",
           "    path = [choice]\n    for arg_prev in reversed(backpointers):\n"
-          "        choice = arg_prev.gather(1, choice[:, None]).squeeze(1)\n        path.append(choice)\n",
-          "    back, path = torch.stack(backpointers, 1), [choice]                  # (batch, t-1, k)\n"
+          "        choice = arg_prev.gather(1, choice[:, None]).squeeze(1)\n"
+          "        path.append(choice)\n",
+          "    back, path = torch.stack(backpointers, 1), [choice]                  "
+          "# (batch, t-1, k)\n"
           "    for s in range(t - 2, -1, -1):\n"
-          "        choice = back[:, s].gather(1, choice[:, None]).squeeze(1)\n        path.append(choice)\n"),
+          "        choice = back[:, s].gather(1, choice[:, None]).squeeze(1)\n"
+          "        path.append(choice)\n"),
     wrong(4, "c", "the penalty as same * -inf (0 * -inf is nan)", "decode.py",
           "transition = (same & real[:, 1:, None, None]).float() * -1e9",
           "transition = (same & real[:, 1:, None, None]).float() * float(\"-inf\")"),
@@ -442,8 +491,10 @@ MUTATIONS = [
     wrong(4, "c", "tokens cut at the longest length, not t", "decode.py",
           "    return tokens.masked_fill(~real, PAD), score\n",
           "    return tokens.masked_fill(~real, PAD)[:, :int(lengths.max())], score\n"),
-    wrong(4, "a", "each row's length ignored inside the Viterbi (only the output padded)", "decode.py",
-          "    top_val = top_val.masked_fill(~real[..., None], 0.0)                   # past the end: free\n",
+    wrong(4, "a", "each row's length ignored inside the Viterbi (only the output padded)",
+          "decode.py",
+          "    top_val = top_val.masked_fill(~real[..., None], 0.0)                   "
+          "# past the end: free\n",
           ""),
     wrong(4, "c", "the score of each position's best token, not of the path", "decode.py",
           "    return tokens.masked_fill(~real, PAD), score\n",
@@ -457,14 +508,18 @@ MUTATIONS = [
     wrong(5, "b", "no shift at the upper edge: the lengths clamped (duplicates)", "decode.py",
           "start = (center - beam // 2).clamp(min=1).clamp(max=max(max_len - beam + 1, 1))",
           "start = (center - beam // 2).clamp(min=1)"),
-    wrong(5, "b", "the lower edge clamped after the offsets (duplicates of 1)", "decode.py", region("decode.py", 5),
+    wrong(5, "b", "the lower edge clamped after the offsets (duplicates of 1)", "decode.py",
+          region("decode.py", 5),
           "    lengths = center[:, None] - beam // 2 + torch.arange(beam, device=center.device)\n"
           "    return lengths.clamp(min=1, max=max_len)\n"),
     wrong(5, "b", "shifted one too far at the upper edge (max_len - B)", "decode.py",
           ".clamp(max=max(max_len - beam + 1, 1))", ".clamp(max=max(max_len - beam, 1))"),
-    wrong(5, "a", "the first sentence's window for the whole batch", "decode.py", region("decode.py", 5),
-          "    start = (center[:1] - beam // 2).clamp(min=1).clamp(max=max(max_len - beam + 1, 1))\n"
-          "    return (start[:, None] + torch.arange(beam, device=center.device)).expand(center.size(0), -1)\n"),
+    wrong(5, "a", "the first sentence's window for the whole batch", "decode.py",
+          region("decode.py", 5),
+          "    start = (center[:1] - beam // 2).clamp(min=1)"
+          ".clamp(max=max(max_len - beam + 1, 1))\n"
+          "    return (start[:, None] + torch.arange(beam, device=center.device))"
+          ".expand(center.size(0), -1)\n"),
     wrong(5, "a", "Python ints: right for one sentence only", "decode.py", region("decode.py", 5),
           "    start = min(max(int(center) - beam // 2, 1), max(max_len - beam + 1, 1))\n"
           "    return torch.arange(start, start + beam, device=center.device)[None]\n"),
@@ -481,7 +536,8 @@ MUTATIONS = [
           "length_penalty(lengths + 1, alpha)", "length_penalty(lengths + 1, 1.0)"),
     # 6: beam search with a finished set
     wrong(6, "a", "rows without the sentence offset", "decode.py",
-          "rows = (origin.gather(1, pick) + torch.arange(n, device=origin.device)[:, None] * k).view(-1)",
+          "rows = (origin.gather(1, pick) + torch.arange(n, device=origin.device)[:, None] * k)"
+          ".view(-1)",
           "rows = origin.gather(1, pick).view(-1)"),
     wrong(6, "a", "right tokens, but the returned rows without the sentence offset", "decode.py",
           "fin_scores=fin_scores), rows\n", "fin_scores=fin_scores), rows % k\n"),
@@ -490,11 +546,13 @@ MUTATIONS = [
           "        pass                                  # never reordered\n"),
     wrong(6, "c", "the normaliser taken after <eos> is forced", "decode.py",
           "cand, origin, token = best_extensions(state.scores, logits, log_norm, 2 * k)",
-          "cand, origin, token = best_extensions(state.scores, logits, logits.logsumexp(1, keepdim=True), 2 * k)"),
+          "cand, origin, token = best_extensions(state.scores, logits, "
+          "logits.logsumexp(1, keepdim=True), 2 * k)"),
     wrong(6, "c", "the stop bound: the penalty of max_len tokens, without <eos>", "decode.py",
           "done = scores[:, 0] / state.bound <= fin_scores[:, -1]",
           "done = scores[:, 0] / length_penalty(state.max_len, alpha) <= fin_scores[:, -1]"),
-    wrong(6, "c", "the stop bound: the penalty of the live hypotheses' own length (+ <eos>)", "decode.py",
+    wrong(6, "c", "the stop bound: the penalty of the live hypotheses' own length (+ <eos>)",
+          "decode.py",
           "done = scores[:, 0] / state.bound <= fin_scores[:, -1]",
           "done = scores[:, 0] / length_penalty(step + 2, alpha) <= fin_scores[:, -1]"),
     wrong(6, "a", "the stop bound of the batch's longest limit for every sentence", "decode.py",
@@ -526,7 +584,8 @@ MUTATIONS = [
     # 7: the E-step's selection
     wrong(7, "b", "ties to the last candidate", "em_nat.py",
           "picks = [max(range(len(row)), key=row.__getitem__) for row in scores]",
-          "picks = [len(row) - 1 - max(range(len(row)), key=row[::-1].__getitem__) for row in scores]"),
+          "picks = [len(row) - 1 - max(range(len(row)), key=row[::-1].__getitem__) "
+          "for row in scores]"),
     wrong(7, "b", "ties to the larger index, by max over (score, index)", "em_nat.py",
           "picks = [max(range(len(row)), key=row.__getitem__) for row in scores]",
           "picks = [max(zip(row, range(len(row))))[1] for row in scores]"),
@@ -548,12 +607,14 @@ MUTATIONS = [
           "return len_logp[0, lengths] + tok.sum(1)\n"),
     wrong(7, "b", "the length term of T - 1", "model.py",
           "len_logp.gather(1, lengths[:, None])", "len_logp.gather(1, lengths[:, None] - 1)"),
-    wrong(7, "b", "too-long candidates skipped when scoring, but not when the scores come back", "em_nat.py",
+    wrong(7, "b", "too-long candidates skipped when scoring, but not when the scores come back",
+          "em_nat.py",
           span("em_nat.py", "    flat = [(i, j) for i, cands", "    return scores\n"),
           "    pairs = [(src, cand) for src, cands in zip(sources, sets) for cand in cands\n"
           "             if 0 < len(cand) <= nar_model.cfg.max_len]\n"
           "    flat = iter(nar_scores(run, nar_model, pairs))\n"
-          "    return [[next(flat) if cand else float(\"-inf\") for cand in cands] for cands in sets]\n"),
+          "    return [[next(flat) if cand else float(\"-inf\") for cand in cands] "
+          "for cands in sets]\n"),
     wrong(7, "c", "scored by hand with decoding_log_probs (the special tokens masked)", "em_nat.py",
           span("em_nat.py", "    flat = [(i, j) for i, cands", "    return scores\n"),
           "    scores = []\n"
@@ -565,7 +626,8 @@ MUTATIONS = [
           "            if 0 < len(cand) <= nar_model.cfg.max_len:\n"
           "                logits = nar_model.nar_logits(torch.tensor([len(cand)]), enc, keep)[0]\n"
           "                logp = nar_model.decoding_log_probs(logits)\n"
-          "                row.append(float(len_logp[len(cand)] + logp[range(len(cand)), cand].sum()))\n"
+          "                row.append(float(len_logp[len(cand)] "
+          "+ logp[range(len(cand)), cand].sum()))\n"
           "            else:\n"
           "                row.append(float(\"-inf\"))\n"
           "        scores.append(row)\n"
@@ -616,7 +678,8 @@ MUTATIONS += [
          ("lambda: first_distillation_targets(run, ar.model())",
           "lambda: distil(run, ar.model())")),
     loop("targets computed before run.stage asks for them", "c",
-         ("    nar = run.stage(\"nar-kd\", \"nar\", \"KD\", lambda: first_distillation_targets(run, ar.model()),",
+         ("    nar = run.stage(\"nar-kd\", \"nar\", \"KD\", "
+          "lambda: first_distillation_targets(run, ar.model()),",
           "    kd = first_distillation_targets(run, ar.model())\n"
           "    nar = run.stage(\"nar-kd\", \"nar\", \"KD\", lambda: kd,"),
          ("        ar = run.stage(f\"em{i}-ar\", \"ar\", \"E-step\",\n"
@@ -625,7 +688,8 @@ MUTATIONS += [
           "        ar = run.stage(f\"em{i}-ar\", \"ar\", \"E-step\", lambda: targets,\n")),
     loop("models loaded as soon as their stage returns", "c",
          ("        prev_ar, prev_nar = ar, nar\n",
-          "        prev_ar, prev_nar = ar, nar\n        ar_model, nar_model = ar.model(), nar.model()\n"),
+          "        prev_ar, prev_nar = ar, nar\n"
+          "        ar_model, nar_model = ar.model(), nar.model()\n"),
          ("prev_ar, prev_nar, i)", "ar_model, nar_model, i)")),
     loop("every NAR stage rescored by AR_0", "c",
          ("    ar = run.stage(\"ar\", \"ar\", \"real data\", lambda: real)\n",
@@ -636,10 +700,12 @@ MUTATIONS += [
     loop("NAR_0 selects and is the start of every iteration", "b",
          ("    nar = run.stage(\"nar-kd\"", "    nar = nar_0 = run.stage(\"nar-kd\""),
          ("prev_ar, prev_nar = ar, nar\n", "prev_ar, prev_nar = ar, nar_0\n")),
-    loop("iterations counted from 0", "b", ("range(1, run.em.iterations + 1)", "range(run.em.iterations)")),
+    loop("iterations counted from 0", "b",
+         ("range(1, run.em.iterations + 1)", "range(run.em.iterations)")),
     loop("the M-step distils AR_{i-1}", "c",
          ("lambda: distil(run, ar.model())", "lambda: distil(run, prev_ar.model())")),
-    loop("AR_i trained from scratch", "c", ("                       init_from=prev_ar)", "                       )")),
+    loop("AR_i trained from scratch", "c",
+         ("                       init_from=prev_ar)", "                       )")),
     loop("the E-step's iteration number one too low", "b", ("prev_nar, i)", "prev_nar, i - 1)")),
 ]
 
@@ -682,15 +748,20 @@ MUTATIONS += [
          "pair = max(counts, key=lambda p: (counts[p], p))")),
     bpe("overlapping occurrences counted once per word", "b",
         ("for pair in word_pairs(symbols):", "for pair in set(word_pairs(symbols)):")),
-    bpe("each word counted once, whatever its count", "c", ("counts[pair] += n", "counts[pair] += 1")),
-    bpe("merging goes on with pairs seen once", "b", ("if counts[pair] < 2:", "if counts[pair] < 1:")),
+    bpe("each word counted once, whatever its count", "c",
+        ("counts[pair] += n", "counts[pair] += 1")),
+    bpe("merging goes on with pairs seen once", "b",
+        ("if counts[pair] < 2:", "if counts[pair] < 1:")),
     bpe("no merge asked, one made (the number checked after merging)", "b",
         ("    while len(merges) < num_merges:\n", "    while True:\n"),
-        ("        merges.append(pair)\n", "        merges.append(pair)\n        if len(merges) == num_merges:\n"
-                                         "            break\n")),
-    wrong(9, "c", "merged by replacing text in space-joined words (across symbol boundaries)", "data.py",
-          region("data.py", 9),
-          "    words = {\" \".join(w[:-1]) + \" \" + w[-1] + END: n for w, n in word_counts.items()}\n"
+        ("        merges.append(pair)\n",
+         "        merges.append(pair)\n"
+         "        if len(merges) == num_merges:\n"
+         "            break\n")),
+    wrong(9, "c", "merged by replacing text in space-joined words (across symbol boundaries)",
+          "data.py", region("data.py", 9),
+          "    words = {\" \".join(w[:-1]) + \" \" + w[-1] + END: n "
+          "for w, n in word_counts.items()}\n"
           "    merges = []\n"
           "    while len(merges) < num_merges:\n"
           "        counts = Counter()\n"
@@ -704,7 +775,8 @@ MUTATIONS += [
           "        if counts[pair] < 2:\n"
           "            break\n"
           "        merges.append(pair)\n"
-          "        words = {word.replace(\" \".join(pair), \"\".join(pair)): n for word, n in words.items()}\n"
+          "        words = {word.replace(\" \".join(pair), \"\".join(pair)): n "
+          "for word, n in words.items()}\n"
           "    return merges\n"),
     wrong(9, "b", "the end marker a symbol of its own", "data.py",
           "words = [tuple(w[:-1]) + (w[-1] + END,) for w in word_counts]",
@@ -714,12 +786,14 @@ MUTATIONS += [
           "            for p in word_pairs(old):\n"),
     wrong(9, "c", "stale heap entries not skipped", "data.py",
           "        if pair_count.get(pair, 0) != -neg_count:\n"
-          "            continue                                  # stale entry: the count changed since\n",
+          "            continue                                  "
+          "# stale entry: the count changed since\n",
           ""),
     wrong(9, "c", "the words of new pairs not recorded", "data.py",
           "                pair_count[p] += freq\n                pair_words[p].add(index)\n",
           "                pair_count[p] += freq\n"),
-    wrong(9, "b", "one merge too many", "data.py", "len(merges) < num_merges", "len(merges) <= num_merges"),
+    wrong(9, "b", "one merge too many", "data.py",
+          "len(merges) < num_merges", "len(merges) <= num_merges"),
 ]
 
 # Right solutions written otherwise than the reference, each of which must pass its exercise's
@@ -727,7 +801,8 @@ MUTATIONS += [
 RIGHT_SOLUTIONS = [
     Solution(1, "", "a loop over sentences; the smoothed loss by hand", (
         ("model.py", region("model.py", 1, 0),
-         "        return torch.stack([self.length_head.weight @ enc[i, 0] for i in range(enc.size(0))])\n"),
+         "        return torch.stack([self.length_head.weight @ enc[i, 0] "
+         "for i in range(enc.size(0))])\n"),
         ("model.py", region("model.py", 1, 1),
          "        eps, losses = self.cfg.label_smoothing, []\n"
          "        for logits, length in zip(self.length_logits(enc).float(), lengths.tolist()):\n"
@@ -735,13 +810,15 @@ RIGHT_SOLUTIONS = [
          "            losses.append(-(1 - eps) * logp[length] - eps * logp.mean())\n"
          "        return torch.stack(losses).mean()\n"))),
     Solution(1, "", "a matrix product; nll_loss plus the smoothing term", (
-        ("model.py", region("model.py", 1, 0), "        return enc[:, 0] @ self.length_head.weight.T\n"),
+        ("model.py", region("model.py", 1, 0),
+         "        return enc[:, 0] @ self.length_head.weight.T\n"),
         ("model.py", region("model.py", 1, 1),
          "        logp = self.length_logits(enc).float().log_softmax(-1)\n"
          "        eps = self.cfg.label_smoothing\n"
          "        return (1 - eps) * F.nll_loss(logp, lengths) - eps * logp.mean(-1).mean()\n"))),
     Solution(1, "", "length log-probabilities as the logits", (
-        ("model.py", region("model.py", 1, 0), "        return self.length_head(enc[:, 0]).log_softmax(-1)\n"),)),
+        ("model.py", region("model.py", 1, 0),
+         "        return self.length_head(enc[:, 0]).log_softmax(-1)\n"),)),
     Solution(2, "", "a loop over sentences, zeros past the length by padding", (
         ("model.py", region("model.py", 2),
          "        pos = self.tgt_pos.weight[:t] * math.sqrt(self.cfg.d_model)\n"
@@ -749,18 +826,23 @@ RIGHT_SOLUTIONS = [
          "        x = self.drop(torch.stack(rows))\n"),)),
     Solution(2, "", "dropout first, then the mask by masked_fill", (
         ("model.py", region("model.py", 2),
-         "        pos = self.tgt_pos(torch.arange(t, device=lengths.device)) * math.sqrt(self.cfg.d_model)\n"
-         "        x = self.drop(pos.expand(lengths.size(0), t, -1)).masked_fill(~keep[..., None], 0.0)\n"),)),
-    Solution(3, "", "written like ar_states (with self.drop); the ban added after the output layer", (
+         "        pos = self.tgt_pos(torch.arange(t, device=lengths.device)) "
+         "* math.sqrt(self.cfg.d_model)\n"
+         "        x = self.drop(pos.expand(lengths.size(0), t, -1))"
+         ".masked_fill(~keep[..., None], 0.0)\n"),)),
+    Solution(3, "", "written like ar_states (with self.drop); the ban added after the output "
+             "layer", (
         ("model.py", region("model.py", 3),
-         "        pos = self.tgt_pos(torch.full_like(token, step))[:, None] * math.sqrt(self.cfg.d_model)\n"
+         "        pos = self.tgt_pos(torch.full_like(token, step))[:, None] "
+         "* math.sqrt(self.cfg.d_model)\n"
          "        x = self.drop(self.embed(token)[:, None] * math.sqrt(self.cfg.d_model) + pos)\n"
          "        for layer, layer_cache in zip(self.decoder, cache):\n"
          "            x = layer(x, enc, attention_mask(enc_keep), cache=layer_cache)\n"
          "        return self.output_logits(x)[:, -1] + self.banned\n"),)),
     Solution(3, "", "log-probabilities (decoding_log_probs) instead of logits", (
         ("model.py", region("model.py", 3),
-         "        x = self.embed_scaled(token[:, None]) + self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)\n"
+         "        x = self.embed_scaled(token[:, None]) "
+         "+ self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)\n"
          "        enc_mask = attention_mask(enc_keep)\n"
          "        for i, layer in enumerate(self.decoder):\n"
          "            x = layer(x, enc, enc_mask, cache=cache[i])\n"
@@ -792,7 +874,8 @@ RIGHT_SOLUTIONS = [
          "    same = torch.eye(v, dtype=torch.bool, device=logp.device)\n"
          "    delta, back = logp[:, 0], []\n"
          "    for s in range(1, t):\n"
-         "        moves = delta[:, :, None].masked_fill(same & real[:, s, None, None], float(\"-inf\"))\n"
+         "        moves = delta[:, :, None].masked_fill(same & real[:, s, None, None], "
+         "float(\"-inf\"))\n"
          "        best, arg = moves.max(1)                                    # (batch, vocab)\n"
          "        delta = best + logp[:, s]\n"
          "        back.append(arg)\n"
@@ -823,19 +906,23 @@ RIGHT_SOLUTIONS = [
         ("decode.py", region("decode.py", 6),
          "    n, k, steps = state.scores.size(0), beam, state.fin_tokens.size(2)\n"
          "    logp = logits.log_softmax(dim=1)                  # each row normalised as given\n"
-         "    tokens = torch.full((n * k, step + 2), PAD, dtype=state.tokens.dtype, device=logits.device)\n"
+         "    tokens = torch.full((n * k, step + 2), PAD, dtype=state.tokens.dtype, "
+         "device=logits.device)\n"
          "    scores = torch.full((n, k), NEG_INF, device=logits.device)\n"
          "    fin_tokens, fin_scores = state.fin_tokens.clone(), state.fin_scores.clone()\n"
          "    rows = torch.arange(n * k, device=logits.device)\n"
          "    for i in range(n):\n"
-         "        at_limit, options = step >= int(state.max_len[i]), []     # (raw score, row, token)\n"
+         "        at_limit, options = step >= int(state.max_len[i]), []     "
+         "# (raw score, row, token)\n"
          "        for j in range(k):\n"
          "            row, parent = i * k + j, float(state.scores[i, j])\n"
          "            for token, lp in enumerate(logp[row].tolist()):\n"
-         "                if parent > NEG_INF and lp > NEG_INF and (token == EOS or not at_limit):\n"
+         "                if parent > NEG_INF and lp > NEG_INF "
+         "and (token == EOS or not at_limit):\n"
          "                    options.append((parent + lp, row, token))\n"
          "        options = sorted(options, key=lambda o: -o[0])[:2 * k]\n"
-         "        finished = [(s, fin_tokens[i, j].clone()) for j, s in enumerate(fin_scores[i].tolist())\n"
+         "        finished = [(s, fin_tokens[i, j].clone()) "
+         "for j, s in enumerate(fin_scores[i].tolist())\n"
          "                    if s > NEG_INF]\n"
          "        for score, row, token in options:\n"
          "            if token == EOS:\n"
@@ -846,21 +933,26 @@ RIGHT_SOLUTIONS = [
          "        live = [o for o in options if o[2] != EOS][:k]\n"
          "        for j, (score, row, token) in enumerate(live):\n"
          "            rows[i * k + j], scores[i, j] = row, score\n"
-         "            tokens[i * k + j] = torch.cat([state.tokens[row], state.tokens.new_tensor([token])])\n"
+         "            tokens[i * k + j] = torch.cat([state.tokens[row], "
+         "state.tokens.new_tensor([token])])\n"
          "        if live and live[0][0] / float(state.bound[i]) <= float(fin_scores[i, -1]):\n"
          "            scores[i] = NEG_INF\n"
-         "    state = replace(state, tokens=tokens, scores=scores, fin_tokens=fin_tokens, fin_scores=fin_scores)\n"
+         "    state = replace(state, tokens=tokens, scores=scores, fin_tokens=fin_tokens, "
+         "fin_scores=fin_scores)\n"
          "    return state, rows\n"),)),
     Solution(6, "", "a full log-softmax, sort instead of topk, the stop test multiplied out", (
         ("decode.py",
-         "    cand, origin, token = best_extensions(state.scores, logits, log_norm, 2 * k)   # (n, 2k) each\n",
+         "    cand, origin, token = best_extensions(state.scores, logits, log_norm, 2 * k)   "
+         "# (n, 2k) each\n",
          "    logp = ((logits - log_norm).view(n, k, -1) + state.scores[:, :, None]).view(n, -1)\n"
          "    cand, flat = logp.sort(dim=1, descending=True)\n"
          "    cand, flat = cand[:, :2 * k], flat[:, :2 * k]\n"
          "    origin, token = flat // logits.size(1), flat % logits.size(1)\n"),
         ("decode.py",
-         "    fin_scores, pick = torch.cat([state.fin_scores, ended_scores], 1).topk(k, dim=1)   # (n, k)\n",
-         "    fin_scores, pick = torch.cat([state.fin_scores, ended_scores], 1).sort(dim=1, descending=True)\n"
+         "    fin_scores, pick = torch.cat([state.fin_scores, ended_scores], 1).topk(k, dim=1)   "
+         "# (n, k)\n",
+         "    fin_scores, pick = torch.cat([state.fin_scores, ended_scores], 1)"
+         ".sort(dim=1, descending=True)\n"
          "    fin_scores, pick = fin_scores[:, :k], pick[:, :k]\n"),
         ("decode.py", "    done = scores[:, 0] / state.bound <= fin_scores[:, -1]\n",
          "    done = scores[:, 0] <= fin_scores[:, -1] * state.bound\n"))),
@@ -874,26 +966,33 @@ RIGHT_SOLUTIONS = [
          "                row.append(float(\"-inf\"))\n"
          "                continue\n"
          "            enc, keep = nar_model.encode(torch.tensor([src]))\n"
-         "            len_logp = nar_model.length_logits(enc).float().log_softmax(-1)[0, len(cand)]\n"
-         "            logp = nar_model.nar_logits(torch.tensor([len(cand)]), enc, keep).float().log_softmax(-1)[0]\n"
-         "            row.append(float(len_logp + logp[torch.arange(len(cand)), torch.tensor(cand)].sum()))\n"
+         "            len_logp = nar_model.length_logits(enc).float()"
+         ".log_softmax(-1)[0, len(cand)]\n"
+         "            logp = nar_model.nar_logits(torch.tensor([len(cand)]), enc, keep)"
+         ".float().log_softmax(-1)[0]\n"
+         "            row.append(float(len_logp + logp[torch.arange(len(cand)), "
+         "torch.tensor(cand)].sum()))\n"
          "        scores.append(row)\n"
          "    return scores\n"),)),
     Solution(7, "", "torch.where and indexing; nar_scores once per set; a loop of comparisons", (
         ("model.py", region("model.py", 7),
          "        picked = logp.gather(2, tgt.unsqueeze(2)).squeeze(2)\n"
          "        tok = torch.where(tgt != PAD, picked, torch.zeros_like(picked))\n"
-         "        return tok.sum(-1) + len_logp[torch.arange(tgt.size(0), device=tgt.device), lengths]\n"),
+         "        return tok.sum(-1) "
+         "+ len_logp[torch.arange(tgt.size(0), device=tgt.device), lengths]\n"),
         ("em_nat.py", span("em_nat.py", "    flat = [(i, j) for i, cands", "    return scores\n"),
          "    scores = []\n"
          "    for src, cands in zip(sources, sets):\n"
-         "        ok = [j for j, cand in enumerate(cands) if 1 <= len(cand) <= nar_model.cfg.max_len]\n"
+         "        ok = [j for j, cand in enumerate(cands) "
+         "if 1 <= len(cand) <= nar_model.cfg.max_len]\n"
          "        row = [float(\"-inf\")] * len(cands)\n"
-         "        for j, score in zip(ok, nar_scores(run, nar_model, [(src, cands[j]) for j in ok])):\n"
+         "        for j, score in zip(ok, nar_scores(run, nar_model, "
+         "[(src, cands[j]) for j in ok])):\n"
          "            row[j] = score\n"
          "        scores.append(row)\n"
          "    return scores\n"),
-        ("em_nat.py", span("em_nat.py", "    picks = [max(range(len(row))", "zip(scores, picks)]\n"),
+        ("em_nat.py", span("em_nat.py", "    picks = [max(range(len(row))",
+                           "zip(scores, picks)]\n"),
          "    selected, best_scores = [], []\n"
          "    for cands, row in zip(sets, scores):\n"
          "        pick = 0\n"
@@ -903,7 +1002,8 @@ RIGHT_SOLUTIONS = [
          "        selected.append(cands[pick])\n"
          "        best_scores.append(row[pick])\n"
          "    return selected, best_scores\n"))),
-    Solution(7, "", "the score summed sentence by sentence; torch's argmax (the first of equal ones)", (
+    Solution(7, "", "the score summed sentence by sentence; torch's argmax (the first of equal "
+             "ones)", (
         ("model.py", region("model.py", 7),
          "        scores = []\n"
          "        for row in range(tgt.size(0)):\n"
@@ -933,7 +1033,8 @@ RIGHT_SOLUTIONS = [
          "\n"
          "        def m_targets(new_ar=new_ar):\n"
          "            return distil(run, new_ar.model())\n"
-         "        nar = run.stage(f\"em{i}-nar\", \"nar\", \"M-step\", m_targets, init_from=nar, rescorer=new_ar)\n"
+         "        nar = run.stage(f\"em{i}-nar\", \"nar\", \"M-step\", m_targets, "
+         "init_from=nar, rescorer=new_ar)\n"
          "        ar, i = new_ar, i + 1\n"
          "    return run.results\n"),)),
     Solution(8, "", "lists of the stages' handles, indexed by iteration", (
@@ -941,12 +1042,15 @@ RIGHT_SOLUTIONS = [
          "    real = [t for _, t in run.train_ids]\n"
          "    ars = [run.stage(\"ar\", \"ar\", \"real data\", lambda: real)]\n"
          "    run.stage(\"nar-raw\", \"nar\", \"real data\", lambda: list(real), rescorer=ars[0])\n"
-         "    nars = [run.stage(\"nar-kd\", \"nar\", \"KD\", lambda: first_distillation_targets(run, ars[0].model()),\n"
+         "    nars = [run.stage(\"nar-kd\", \"nar\", \"KD\", "
+         "lambda: first_distillation_targets(run, ars[0].model()),\n"
          "                      rescorer=ars[0])]\n"
          "    for i in range(1, run.em.iterations + 1):\n"
-         "        ars.append(run.stage(f\"em{i}-ar\", \"ar\", \"E-step\", init_from=ars[i - 1], make_targets=lambda:\n"
+         "        ars.append(run.stage(f\"em{i}-ar\", \"ar\", \"E-step\", "
+         "init_from=ars[i - 1], make_targets=lambda:\n"
          "                             run.e_step(f\"em{i}-ar\", ars[i - 1], nars[i - 1], i)))\n"
-         "        nars.append(run.stage(f\"em{i}-nar\", \"nar\", \"M-step\", lambda: distil(run, ars[i].model()),\n"
+         "        nars.append(run.stage(f\"em{i}-nar\", \"nar\", \"M-step\", "
+         "lambda: distil(run, ars[i].model()),\n"
          "                              init_from=nars[i - 1], rescorer=ars[i]))\n"
          "    return run.results\n"),)),
     Solution(9, "", "the hint's simple version done right: recount after every merge", (
@@ -999,16 +1103,20 @@ def grade_solutions(solutions, tmp_path):
 
 def test_every_exercise_has_wrong_and_right_solutions_to_grade():
     for n in list_exercises():
-        assert sum(s.exercise == n for s in MUTATIONS) >= 6, f"exercise {n}: fewer than 6 wrong solutions"
-        assert sum(s.exercise == n for s in RIGHT_SOLUTIONS) >= 2, f"exercise {n}: fewer than 2 right solutions"
+        assert sum(s.exercise == n for s in MUTATIONS) >= 6, \
+            f"exercise {n}: fewer than 6 wrong solutions"
+        assert sum(s.exercise == n for s in RIGHT_SOLUTIONS) >= 2, \
+            f"exercise {n}: fewer than 2 right solutions"
 
 
 def test_other_right_solutions_pass_their_exercise(tmp_path):
     references = [Solution(n, "", "the reference itself", ()) for n in list_exercises()]
     solutions = references + RIGHT_SOLUTIONS
     reports, _ = grade_solutions(solutions, tmp_path)
-    failed = {f"exercise {s.exercise}: {s.what}": sorted(t for t, r in report.items() if not r["passed"]) or report
-              for s, report in zip(solutions, reports) if not report or not all(r["passed"] for r in report.values())}
+    failed = {f"exercise {s.exercise}: {s.what}":
+              sorted(t for t, r in report.items() if not r["passed"]) or report
+              for s, report in zip(solutions, reports)
+              if not report or not all(r["passed"] for r in report.values())}
     assert not failed, f"right solutions that fail their grading: {failed}"
 
 
@@ -1022,25 +1130,28 @@ def test_wrong_solutions_fail_their_exercise(tmp_path):
 
 
 def code_lines(path, regions):
-    """The code lines (no comments, no blank or short lines) of `regions` of a file, less what a stub
-    keeps on purpose (a module-level region's function signatures and docstrings)."""
+    """The code lines (no comments, no blank or short lines) of `regions` of a file, less what a
+    stub keeps on purpose (a module-level region's function signatures and docstrings)."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     found = set()
     for _, _, indent, first, last in regions:
         kept = set() if indent else set(stub_functions(lines[first + 1:last], "", path))
         found |= {line.strip() for line in lines[first + 1:last]
-                  if len(line.strip()) >= 24 and not line.strip().startswith("#") and line not in kept}
+                  if len(line.strip()) >= 24 and not line.strip().startswith("#")
+                  and line not in kept}
     return found
 
 
-NOT_ANSWERS = {"enc_mask = attention_mask(enc_keep)"}    # lines of a solution that the project also has elsewhere
+NOT_ANSWERS = {"enc_mask = attention_mask(enc_keep)"}    # lines of a solution that the project
+                                                         # also has elsewhere
 
 
 def test_the_copy_holds_no_answer_no_teacher_tool_and_says_how_to_grade(tmp_path):
     copy = tmp_path / "copy"
     write_student_copy(str(copy))
-    shipped = {p.relative_to(copy).as_posix(): p.read_text(encoding="utf-8") for p in copy.rglob("*") if p.is_file()}
+    shipped = {p.relative_to(copy).as_posix(): p.read_text(encoding="utf-8")
+               for p in copy.rglob("*") if p.is_file()}
     for tool in TEACHER_FILES:
         assert f"tests/{tool}" not in shipped
     with open(os.path.join(ROOT, "LICENSE"), encoding="utf-8") as f:
@@ -1049,7 +1160,8 @@ def test_the_copy_holds_no_answer_no_teacher_tool_and_says_how_to_grade(tmp_path
     for name in MODULES:
         answers |= code_lines(os.path.join(ROOT, name), exercise_regions(os.path.join(ROOT, name)))
     for name in shipped_test_files():
-        answers |= code_lines(os.path.join(ROOT, "tests", name), exercise_regions(os.path.join(ROOT, "tests", name)))
+        answers |= code_lines(os.path.join(ROOT, "tests", name),
+                              exercise_regions(os.path.join(ROOT, "tests", name)))
     answers -= NOT_ANSWERS
     assert len(answers) > 20
     leaks = [(path, line) for path, text in shipped.items() for line in answers
@@ -1059,7 +1171,7 @@ def test_the_copy_holds_no_answer_no_teacher_tool_and_says_how_to_grade(tmp_path
     for number, (title, _) in list_exercises().items():
         assert f"**Exercise {number}: {title}**" in readme
     assert "python -m pytest --exercise N" in readme and "student_copy" not in readme
-    assert not re.search(r"Expected[ (:]|\d\.\d \[\d", readme)                   # no expected figures
+    assert not re.search(r"Expected[ (:]|\d\.\d \[\d", readme)                # no expected figures
     assert "docs/method.md" in shipped and "## Map from the paper to the code" in readme
     assert not {"docs/results.md", "docs/classroom.md", "docs/reproducing.md"} & set(shipped)
     with_figures = tmp_path / "with-figures"
@@ -1067,25 +1179,29 @@ def test_the_copy_holds_no_answer_no_teacher_tool_and_says_how_to_grade(tmp_path
     readme = (with_figures / "README.md").read_text(encoding="utf-8")
     assert "**Exercise 4: ODD Viterbi**: `decode.py` line" in readme and "Exercise 6" not in readme
     assert "docs/results.md" in readme
-    assert (with_figures / "docs" / "results.md").read_text(encoding="utf-8").startswith("> The expected figures")
+    assert (with_figures / "docs" / "results.md").read_text(encoding="utf-8").startswith(
+        "> The expected figures")
 
 
 def test_a_shipped_doc_must_be_true_in_the_copy():
     check_shipped_doc("docs/method.md", "The E-step picks within Q.\nSee `decode.odd_viterbi`.")
-    for text in ("Expected: 88.3", "valid% 88.3 [83.7, 93.7]", "see docs/results.md", "tests/student_copy.py",
-                 "between `# >>> exercise 4: ODD` markers", "the classroom.md page"):
+    for text in ("Expected: 88.3", "valid% 88.3 [83.7, 93.7]", "see docs/results.md",
+                 "tests/student_copy.py", "between `# >>> exercise 4: ODD` markers",
+                 "the classroom.md page"):
         with pytest.raises(MarkerError, match="docs/method.md:2: .* student copy"):
             check_shipped_doc("docs/method.md", "fine\n" + text)
 
 
 def test_a_reference_in_a_test_file_becomes_a_skip(tmp_path):
     source = tmp_path / "test_m.py"
-    source.write_text("import pytest\n\n\ndef slow():\n    # >>> exercise 3: a thing\n    return 1\n"
-                      "    # <<< exercise 3\n")
+    source.write_text("import pytest\n\n\ndef slow():\n    # >>> exercise 3: a thing\n"
+                      "    return 1\n    # <<< exercise 3\n")
     assert stub_file(str(source), {3}, is_test=True) == (
-        "import pytest\n\n\ndef slow():\n    pytest.skip(\"the teacher's reference for exercise 3 (a thing) is "
+        "import pytest\n\n\ndef slow():\n"
+        "    pytest.skip(\"the teacher's reference for exercise 3 (a thing) is "
         "not in the student copy, and this test needs it\")\n")
-    source.write_text("def slow():\n    # >>> exercise 3: a thing\n    return 1\n    # <<< exercise 3\n")
+    source.write_text("def slow():\n    # >>> exercise 3: a thing\n    return 1\n"
+                      "    # <<< exercise 3\n")
     with pytest.raises(MarkerError, match="does not import pytest"):
         stub_file(str(source), {3}, is_test=True)
 
