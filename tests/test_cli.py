@@ -188,13 +188,25 @@ def test_imports_go_one_way_and_never_inside_a_function():
         assert graph[name] <= set(order[:i]), (name, graph[name])
 
 
+def code_lines(function):
+    """A function's length in lines, its docstring not counted: an exercise's docstring states
+    everything its grading checks, and may be long."""
+    body = function.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        docstring = body[0].end_lineno - body[0].lineno + 1
+    else:
+        docstring = 0
+    return function.end_lineno - function.lineno + 1 - docstring
+
+
 def test_functions_are_short_outside_argument_parsers():
     long = []
     for name in MODULES:
         for node in ast.walk(ast.parse(open(os.path.join(ROOT, name)).read())):
-            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 50:
+            if isinstance(node, ast.FunctionDef) and code_lines(node) > 50:
                 if node.name not in ("build_parser",) and not node.name.startswith("add_"):
-                    long.append(f"{name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+                    long.append(f"{name}:{node.name} ({code_lines(node)} lines)")
     assert not long, long
 
 

@@ -13,7 +13,7 @@ import torch
 import em_nat
 import report
 import train
-from decode import nbest_ids
+from decode import NBest, nbest_ids
 from model import UNK, ModelConfig, Transformer
 
 torch.set_num_threads(2)
