@@ -269,7 +269,12 @@ def pad_batch(seqs, device="cpu"):
     out = np.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=np.int64)
     for row, seq in enumerate(seqs):
         out[row, :len(seq)] = seq
-    return torch.from_numpy(out).to(device)
+    batch = torch.from_numpy(out)
+    if torch.device(device).type == "cuda":
+        # From pinned host memory the copy runs in the background: the host goes on queueing work
+        # instead of waiting for it (torch keeps the pinned buffer until the copy is done).
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 def collate(pairs, device="cpu"):
