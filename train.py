@@ -72,9 +72,9 @@ class TrainConfig:
                                       "tokens (the E-step's N-best, distillation, evaluation; "
                                       "default: 4x --max-tokens on the CPU and MPS, 32x on CUDA)",
                                 minimum=1)
-    compile: bool = option(False, "train through torch.compile (fewer, fused kernels; its "
-                                  "compile time pays only on long runs of the larger presets: "
-                                  "docs/reproducing.md, \"The GPU path\")")
+    compile: bool = option(False, "train through torch.compile (fewer, fused kernels; minutes of "
+                                  "compilation first; on a 2-core CPU no faster for the toy "
+                                  "preset; on a GPU the GPU check times it: docs/reproducing.md)")
     # "bf16": autocast (model.resolve_precision picks it where the GPU has it)
     precision: str = option("fp32", "auto: bf16 autocast on a GPU with native bf16 (compute "
                                     "capability 8.0+), else fp32", cli_default="auto",
