@@ -84,9 +84,13 @@ def run_gradings(jobs_file):
             signal.alarm(0)
             os.chdir(cwd)
             sys.path[:] = path
-            inside = os.path.join(os.path.abspath(job["dir"]), "")
+            # Forget the copy's own modules (its top level and tests/), never an installed
+            # package: a virtual environment inside the project (as CI makes) holds torch, which
+            # cannot be imported twice in one interpreter.
+            own = {os.path.abspath(job["dir"]), os.path.join(os.path.abspath(job["dir"]), "tests")}
             for name, module in list(sys.modules.items()):
-                in_copy = (getattr(module, "__file__", None) or "").startswith(inside)
+                file = getattr(module, "__file__", None)
+                in_copy = bool(file) and os.path.dirname(os.path.abspath(file)) in own
                 if name == "conftest" or (in_copy and name != "__main__"):
                     del sys.modules[name]
         seconds.append(time.time() - start)
