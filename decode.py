@@ -32,6 +32,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -442,12 +443,21 @@ class Graphed:
 
     def __init__(self, fn, device):
         self.fn, self.device, self.graph, self.out = fn, torch.device(device), None, None
+        self.eager = self.device.type != "cuda"
 
     def __call__(self):
-        if self.device.type != "cuda":
+        if self.eager:
             return self.fn()
         if self.graph is None:
-            self.graph, self.out = self.record()
+            try:
+                self.graph, self.out = self.record()
+            except RuntimeError as err:
+                # A kernel this GPU and torch cannot record: the same step, launched eagerly.
+                why = (str(err).strip() or repr(err)).splitlines()[0]
+                warnings.warn(f"decode.py: a CUDA graph could not be recorded ({why}); that step "
+                              f"runs without one")
+                self.eager = True
+                return self.fn()
         self.graph.replay()
         for counter in ACTIVE_COUNTERS:
             counter.graph_replay()

@@ -84,6 +84,19 @@ def test_the_fast_nar_decoding_gives_the_reference_tokens(options):
                 == tokens_to_lists(nar_decode(nar, src, **options)))
 
 
+def test_a_step_that_cannot_be_recorded_as_a_graph_runs_eagerly(monkeypatch):
+    """Where a GPU or torch cannot record a step as a CUDA graph, the step runs eagerly (with one
+    warning) instead of failing the run."""
+    def cannot_record(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(decode.Graphed, "record", cannot_record)
+    calls = []
+    step = decode.Graphed(lambda: calls.append(1) or len(calls), "cuda")
+    with pytest.warns(UserWarning, match="could not be recorded"):
+        assert step() == 1
+    assert step() == 2 and step.graph is None and step.eager
+
+
 def test_the_decoders_of_a_device_are_the_fast_path_on_cuda_only():
     assert decode.decoders("cpu") == (ar_greedy, ar_beam_search, nar_decode)
     assert decode.decoders("cuda") == (fast_greedy, fast_beam_search, fast_nar_decode)
