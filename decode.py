@@ -480,9 +480,12 @@ class Graphed:
         return graph, out
 
 
-class GreedySession:
-    """Greedy decoding of `rows` sentences of at most src_len tokens, for at most `steps` steps, on
-    fixed buffers: start() encodes and resets, step() decodes one token for every row."""
+class FixedShapes:
+    """What the fast path's greedy and beam sessions share: the buffers of `rows` sentences of at
+    most src_len tokens decoded for at most `steps` steps, the step counter on the device and the
+    cache positions written so far, and the two recorded calls: start() encodes and resets, step()
+    decodes one token for every row. A session sets `live` (any sentence still searching?) at the
+    end of each step."""
 
     def __init__(self, model, rows, src_len, steps):
         device = model.embed.weight.device
@@ -492,11 +495,26 @@ class GreedySession:
         self.at = torch.zeros(1, dtype=torch.long, device=device)        # the step being decoded
         self.positions = torch.arange(steps, device=device)
         self.visible = torch.zeros(1, 1, 1, steps, dtype=torch.bool, device=device)
+        self.live = torch.ones((), dtype=torch.bool, device=device)
+        self.start, self.step = Graphed(self.encode, device), Graphed(self.decode_step, device)
+
+    def see_written_positions(self):
+        """The cache positions this step's query may attend to: those written so far."""
+        self.visible.copy_((self.positions <= self.at).view(1, 1, 1, -1))
+
+    def searching(self):
+        return bool(self.live)                                           # host sync
+
+
+class GreedySession(FixedShapes):
+    """Greedy decoding on fixed buffers (FixedShapes)."""
+
+    def __init__(self, model, rows, src_len, steps):
+        super().__init__(model, rows, src_len, steps)
+        device = self.src.device
         self.token = torch.full((rows,), BOS, dtype=torch.long, device=device)
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
         self.out = torch.full((rows, steps), PAD, dtype=torch.long, device=device)
-        self.live = torch.ones((), dtype=torch.bool, device=device)     # any row not finished?
-        self.start, self.step = Graphed(self.encode, device), Graphed(self.decode_step, device)
 
     def encode(self):
         enc, keep = self.model.encode(self.src)
@@ -510,45 +528,34 @@ class GreedySession:
         self.out.fill_(PAD)
 
     def decode_step(self):
-        self.visible.copy_((self.positions <= self.at).view(1, 1, 1, -1))
+        self.see_written_positions()
         token = greedy_next(self.model, self.token, self.at, self.enc, self.keep, self.cache,
                             self.max_len, self.finished)
         self.out.index_copy_(1, self.at, token[:, None])
         self.finished |= token == EOS
         self.token.copy_(token)
         self.at += 1
-        self.live.copy_(~self.finished.all())                            # read by searching()
-
-    def searching(self):
-        return bool(self.live)                                           # host sync
+        self.live.copy_(~self.finished.all())
 
 
-class BeamSession:
-    """Beam search (beam k, length penalty alpha) of `rows` sentences on fixed buffers: the same
-    steps as ar_beam_search and beam_step, with the live hypotheses' tokens in a
-    (rows * k, 1 + steps) buffer written one column per step, and done sentences kept in the
-    batch."""
+class BeamSession(FixedShapes):
+    """Beam search (beam k, length penalty alpha) on fixed buffers (FixedShapes): the same steps as
+    ar_beam_search and beam_step, with the live hypotheses' tokens in a (rows * k, 1 + steps)
+    buffer written one column per step, and done sentences kept in the batch."""
 
     def __init__(self, model, rows, src_len, steps, k, alpha):
-        device = model.embed.weight.device
-        self.model, self.steps, self.k = model, steps, k
-        self.src = torch.full((rows, src_len), PAD, dtype=torch.long, device=device)
-        self.max_len = torch.zeros(rows, dtype=torch.long, device=device)
-        self.at = torch.zeros(1, dtype=torch.long, device=device)
-        self.positions = torch.arange(steps, device=device)
-        self.visible = torch.zeros(1, 1, 1, steps, dtype=torch.bool, device=device)
+        super().__init__(model, rows, src_len, steps)
+        device = self.src.device
+        self.k, self.alpha = k, alpha
         # The length penalty of an output ending at each step, computed on the host as beam_step
         # does.
         self.penalty = torch.tensor([length_penalty(t + 1, alpha) for t in range(steps)],
                                     device=device)
-        self.alpha = alpha
         self.tokens = torch.full((rows * k, 1 + steps), PAD, dtype=torch.long, device=device)
         self.scores = torch.full((rows, k), NEG_INF, device=device)
         self.fin_tokens = torch.full((rows, k, steps), PAD, dtype=torch.long, device=device)
         self.fin_scores = torch.full((rows, k), NEG_INF, device=device)
         self.sentence_rows = torch.arange(rows, device=device)[:, None] * k          # (rows, 1)
-        self.live = torch.ones((), dtype=torch.bool, device=device)     # any sentence searching?
-        self.start, self.step = Graphed(self.encode, device), Graphed(self.decode_step, device)
 
     def encode(self):
         enc, keep = self.model.encode(self.src)
@@ -568,7 +575,7 @@ class BeamSession:
     def decode_step(self):
         """beam_step's computation (see its docstring) on the fixed buffers."""
         n, k, steps = self.scores.size(0), self.k, self.steps
-        self.visible.copy_((self.positions <= self.at).view(1, 1, 1, -1))
+        self.see_written_positions()
         logits = self.model.ar_step(self.tokens.index_select(1, self.at).view(-1), self.at,
                                     self.enc, self.keep, self.cache).float()   # (n * k, vocab)
         log_norm = logits.logsumexp(dim=1, keepdim=True)
@@ -593,10 +600,7 @@ class BeamSession:
         self.fin_scores.copy_(fin_scores)
         self.kv.copy_(self.kv.index_select(2, rows))                     # every layer's cache rows
         self.at += 1
-        self.live.copy_((self.scores[:, 0] > NEG_INF).any())             # read by searching()
-
-    def searching(self):
-        return bool(self.live)                                           # host sync
+        self.live.copy_((self.scores[:, 0] > NEG_INF).any())
 
 
 class NarSession:

@@ -396,8 +396,7 @@ class Run:
         self.cfg, self.em, self.dir = cfg, cfg.em, cfg.out
         self.device, self.precision = cfg.train.device, cfg.train.precision
         self.max_len = cfg.data.max_len or model_config(cfg.preset, 0, "ar").max_len
-        self.decode_tokens = (cfg.train.decode_tokens
-                              or default_decode_tokens(self.device, cfg.train.max_tokens))
+        self.decode_tokens = decoding_budget(cfg.train)
         os.makedirs(self.dir, exist_ok=True)
         # under torchrun rank 0 first learns the BPE and writes run.json; the other processes then
         # read them
@@ -583,6 +582,11 @@ def validation_pairs(corpus, max_len):
                         f"--max-len {max_len} tokens, so no checkpoint could be chosen; "
                         f"raise --max-len")
     return pairs
+
+
+def decoding_budget(train_cfg):
+    """The decoding batches' token budget: --decode-tokens, else the device's default."""
+    return train_cfg.decode_tokens or default_decode_tokens(train_cfg.device, train_cfg.max_tokens)
 
 
 def run_settings(cfg, corpus, max_len):
@@ -840,8 +844,7 @@ def benchmark(cfg: RunConfig, steps, sentences):
         corpus = load_corpus_dir(cfg.data.data_dir, cfg.data.src, cfg.data.tgt,
                                  cfg.data.bpe_merges, model_config(cfg.preset, 0, "ar").max_len,
                                  log=lambda *a: None)
-    decode_tokens = (cfg.train.decode_tokens
-                     or default_decode_tokens(cfg.train.device, cfg.train.max_tokens))
+    decode_tokens = decoding_budget(cfg.train)
     print(f"benchmark: {corpus.name}, {len(corpus.train)} training pairs, "
           f"vocabulary {len(corpus.vocab)}, preset {cfg.preset}, {cfg.train.max_tokens}-token "
           f"batches, {decode_tokens}-token decoding batches, device {cfg.train.device} "
