@@ -326,9 +326,9 @@ def length_window(center, beam, max_len):
 def npd_scores(rescorer, src, tokens, lengths, alpha):
     """NPD (noisy parallel decoding): the AR model's score of each NAR candidate,
     log p_AR(y <eos> | x) over the length penalty of |y| + 1 (as beam search ranks finished
-    outputs), in float32.
+    outputs).
     src: (rows, src_len), one row per candidate; tokens: (rows, t) PAD-padded; lengths: (rows,).
-    rescorer.score(src, tokens) gives log p_AR(y <eos> | x) of every row."""
+    rescorer.score(src, tokens) gives log p_AR(y <eos> | x) of every row, in float32."""
     # >>> exercise 5: the length window and NPD rescoring
     return rescorer.score(src, tokens) / length_penalty(lengths + 1, alpha)
     # <<< exercise 5

@@ -236,10 +236,12 @@ def nar_scores(run, nar_model, pairs):
 def candidate_nar_scores(run, nar_model, sources, sets):
     """The full NAR log-likelihood log p(T|x) + sum_t log p(y_t|x,T) (no token masked, NOT
     length-normalised, output layer in float32: Transformer.score) of every candidate in every
-    source's set, as one list per set; -inf where the NAR model cannot score the candidate (empty,
-    as its length classes start at 1, or longer than its max_len; a candidate of exactly max_len
-    tokens is scored). The reference scores all pairs in one batched call of nar_scores; any
-    computation that gives the same scores passes."""
+    source's set, as one list per set; -inf where the NAR model cannot score the candidate (empty:
+    no training target is, or longer than its max_len; a candidate of exactly max_len tokens is
+    scored). Scored as nar_scores scores: the model in eval mode (dropout would make the scores
+    noisy, and the E-step compares them), under the run's precision (precision_context(run.device,
+    run.precision): bf16 autocast in a bf16 run). The reference scores all pairs in one batched
+    call of nar_scores; any computation that gives the same scores passes."""
     flat = [(i, j) for i, cands in enumerate(sets) for j, cand in enumerate(cands)
             if 0 < len(cand) <= nar_model.cfg.max_len]
     flat_scores = nar_scores(run, nar_model, [(sources[i], sets[i][j]) for i, j in flat])

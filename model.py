@@ -308,8 +308,12 @@ class Transformer(nn.Module):
 
     def ar_step(self, token, step, enc, enc_keep, cache):
         """One decoding step. token: (rows,) the last output of every row (<bos> at step 0);
-        step: its position (int). enc, enc_keep: one row per sentence, shared by rows / sentences
-        consecutive hypothesis rows each (beam search), never copied per row.
+        step: its position, an int or a (1,) long tensor on the model's device (decode.py's fast
+        path counts steps on the device); the position comes from `step` alone, never from the
+        cache's size (the fast path's cache is preallocated for every step: new_fixed_cache).
+        enc, enc_keep: one row per sentence, shared by rows / sentences consecutive hypothesis rows
+        each (beam search), never copied per row; enc_keep is bool (True = a real token) or the
+        same mask already additive (additive_mask; attention_mask takes either).
         Returns logits (rows, vocab) for the next token (any constant per row aside), the
         never-emitted tokens at -inf: in eval mode the distribution that the teacher-forced pass
         (ar_logits) gives after the same prefix.

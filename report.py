@@ -457,6 +457,57 @@ def format_seed_summary(by_stage, toy, seeds):
                      for _, get, digits in columns]
             lines.append((f"{selection:<9} {stage:<8} "
                           + " ".join(f"{c:>21}" for c in cells)).rstrip())
+    if len(seeds) > 1:
+        lines += ["", format_paired_differences(by_stage, toy, seeds)]
+    return "\n".join(lines)
+
+
+def paired_comparisons(by_stage):
+    """The comparisons a study over seeds is run for, each (label, setting, baseline) of by_stage's
+    keys: every EM iteration's NAR model against NAR_0 (does EM beat distillation?), and the
+    paper's E-step against each control at the same stage (does the NAR model's choice matter?)."""
+    comparisons = []
+    for selection, stage in by_stage:
+        if not (stage.startswith("em") and stage.endswith("-nar")):
+            continue
+        if selection == "nar" and ("nar", "nar-kd") in by_stage:
+            comparisons.append((f"{stage} - nar-kd", ("nar", stage), ("nar", "nar-kd")))
+        elif selection != "nar" and ("nar", stage) in by_stage:
+            comparisons.append((f"{stage}: nar - {selection}", ("nar", stage), (selection, stage)))
+    return comparisons
+
+
+def paired_difference(values, baseline):
+    """Seed by seed differences of two settings run on the same seeds, their mean, and twice the
+    standard error of that mean (sample standard deviation / sqrt(n); None for one seed): a mean
+    difference beyond it is distinguishable from zero."""
+    diffs = [v - b for v, b in zip(values, baseline)]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return diffs, mean, None
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    return diffs, mean, 2 * sd / math.sqrt(len(diffs))
+
+
+def format_paired_differences(by_stage, toy, seeds):
+    """One row per paired comparison (paired_comparisons): the per-seed differences of the NAR
+    models' headline measure (valid% with ODD decoding on the embedded task, BLEU on real data),
+    their mean, twice its standard error and on how many seeds the setting is ahead."""
+    name, key = ("valid% (ODD)", "valid_rate") if toy else ("BLEU", "bleu")
+    header = (f"{'comparison':<28} " + " ".join(f"{'seed ' + str(s):>8}" for s in seeds)
+              + f" {'mean':>7} {'2 SE':>6} {'ahead':>8}")
+    lines = [f"paired differences of {name}, seed by seed (2 SE: twice the standard error of "
+             f"the mean difference; a mean beyond it is distinguishable from zero)", header,
+             "-" * len(header)]
+    for label, setting, baseline in paired_comparisons(by_stage):
+        values = [r[key] for r in by_stage[setting]]
+        base = [r[key] for r in by_stage[baseline]]
+        if len(values) != len(seeds) or len(base) != len(seeds):
+            continue                                  # a setting not run on every seed
+        diffs, mean, two_se = paired_difference(values, base)
+        ahead = f"{sum(d > 0 for d in diffs)} of {len(diffs)}"
+        lines.append(f"{label:<28} " + " ".join(f"{d:>+8.1f}" for d in diffs)
+                     + f" {mean:>+7.2f} {'' if two_se is None else f'{two_se:.2f}':>6} {ahead:>8}")
     return "\n".join(lines)
 
 

@@ -381,6 +381,11 @@ MUTATIONS = [
     wrong(1, "b", "length classes counted from 1 (T - 1)", "model.py",
           "lengths,\n                               label_smoothing=self.cfg.label_smoothing)",
           "lengths - 1, label_smoothing=self.cfg.label_smoothing)"),
+    # (a second blind trial)
+    wrong(1, "b", "length 0 thought impossible: lengths clamped to >= 1", "model.py",
+          "lengths,\n                               label_smoothing=self.cfg.label_smoothing)",
+          "lengths.clamp(min=1),\n"
+          "                               label_smoothing=self.cfg.label_smoothing)"),
     # 2: the NAR decoder's input
     wrong(2, "train/eval", "no dropout", "model.py",
           "x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[..., None])",
@@ -461,6 +466,14 @@ MUTATIONS = [
           "            x = layer(x, enc, enc_mask)"),
     wrong(3, "c", "the token embedding not scaled", "model.py",
           "x = self.embed_scaled(token[:, None]) + pos", "x = self.embed(token[:, None]) + pos"),
+    # (a second blind trial)
+    wrong(3, "c", "the position from the cache's size, not from step", "model.py",
+          "pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)",
+          "seen = cache[0][\"self\"][\"k\"].size(2) if \"k\" in cache[0][\"self\"] else 0\n"
+          "        pos = self.tgt_pos.weight[seen] * math.sqrt(self.cfg.d_model)"),
+    wrong(3, "a", ".squeeze() drops the row dimension of a single row", "model.py",
+          "return self.output_logits(x, banned=True)[:, 0]",
+          "return self.output_logits(x.squeeze(), banned=True)"),
     # 4: ODD Viterbi
     wrong(4, "c", "ODD over the top-2 tokens per position", "decode.py",
           "logp.topk(min(k, logp.size(-1)), dim=-1)", "logp.topk(min(2, logp.size(-1)), dim=-1)"),
@@ -585,6 +598,10 @@ MUTATIONS = [
     wrong(6, "c", "live hypotheses from the k best extensions only", "decode.py",
           "best_extensions(state.scores, logits, log_norm, 2 * k)",
           "best_extensions(state.scores, logits, log_norm, k)"),
+    # (a second blind trial)
+    wrong(6, "a", "a done sentence signalled only once every sentence of the batch is done",
+          "decode.py", "scores = scores.masked_fill(done[:, None], NEG_INF)",
+          "scores = scores.masked_fill(done.all(), NEG_INF)"),
     # 7: the E-step's selection
     wrong(7, "b", "ties to the last candidate", "em_nat.py",
           "picks = [max(range(len(row)), key=row.__getitem__) for row in scores]",
@@ -647,6 +664,18 @@ MUTATIONS = [
           "        selected.append(cands[pick])\n"
           "        best_scores.append(best)\n"
           "    return selected, best_scores\n"),
+    # (a second blind trial)
+    wrong(7, "train/eval", "Transformer.score called directly: no eval mode, no run precision",
+          "em_nat.py",
+          "    flat_scores = nar_scores(run, nar_model, [(sources[i], sets[i][j]) for i, j in flat])",
+          "    from data import pad_batch\n"
+          "    flat_scores = nar_model.score(\n"
+          "        pad_batch([sources[i] for i, _ in flat], run.device),\n"
+          "        pad_batch([sets[i][j] for i, j in flat], run.device)).tolist() if flat else []"),
+    wrong(7, "c", "score_pairs without the run's precision", "em_nat.py",
+          "    flat_scores = nar_scores(run, nar_model, [(sources[i], sets[i][j]) for i, j in flat])",
+          "    flat_scores = score_pairs(nar_model, [(sources[i], sets[i][j]) for i, j in flat],\n"
+          "                              run.decode_tokens, run.device)"),
 ]
 
 # Exercise 8's solutions replace the whole loop (so that they do not depend on how the reference
@@ -962,6 +991,8 @@ RIGHT_SOLUTIONS = [
          "    done = scores[:, 0] <= fin_scores[:, -1] * state.bound\n"))),
     Solution(7, "", "every candidate scored by hand, sentence by sentence", (
         ("em_nat.py", span("em_nat.py", "    flat = [(i, j) for i, cands", "    return scores\n"),
+         "    from model import precision_context\n"
+         "    nar_model.eval()\n"
          "    scores = []\n"
          "    for src, cands in zip(sources, sets):\n"
          "        row = []\n"
@@ -969,10 +1000,11 @@ RIGHT_SOLUTIONS = [
          "            if not 0 < len(cand) <= nar_model.cfg.max_len:\n"
          "                row.append(float(\"-inf\"))\n"
          "                continue\n"
-         "            enc, keep = nar_model.encode(torch.tensor([src]))\n"
-         "            len_logp = nar_model.length_logits(enc).float()"
+         "            with torch.no_grad(), precision_context(run.device, run.precision):\n"
+         "                enc, keep = nar_model.encode(torch.tensor([src]))\n"
+         "                len_logp = nar_model.length_logits(enc).float()"
          ".log_softmax(-1)[0, len(cand)]\n"
-         "            logp = nar_model.nar_logits(torch.tensor([len(cand)]), enc, keep)"
+         "                logp = nar_model.nar_logits(torch.tensor([len(cand)]), enc, keep)"
          ".float().log_softmax(-1)[0]\n"
          "            row.append(float(len_logp + logp[torch.arange(len(cand)), "
          "torch.tensor(cand)].sum()))\n"

@@ -413,7 +413,9 @@ def test_stop_rule_is_exact(worst_finished, done):
 
 @pytest.mark.exercise(6)
 @pytest.mark.parametrize("worst_finished, done", [((-1.1, -2.1), (False, False)),
-                                                   ((-1.0, -1.5), (True, True))])
+                                                   ((-1.0, -1.5), (True, True)),
+                                                   ((-1.0, -2.1), (True, False)),
+                                                   ((-1.1, -1.5), (False, True))])
 def test_stop_rule_bounds_each_sentence_by_its_own_longest_output(worst_finished, done):
     # Known answers. Two sentences at step 2, alpha 1.4, with limits of 10 and 4 tokens; their best
     # live extension scores -3 - log 3 = -4.0986 raw (every next token costs log 3). Sentence 0 can
@@ -421,7 +423,8 @@ def test_stop_rule_bounds_each_sentence_by_its_own_longest_output(worst_finished
     # -2.0046:
     # sentence 0 goes on against -1.1 (with the penalty of 10 tokens, -1.1363, it would stop) and
     # stops at -1.0; sentence 1 goes on against -2.1 and stops at -1.5 (with sentence 0's bound,
-    # -1.0381, it would go on). A done sentence has all its live scores at -inf, the others none.
+    # -1.0381, it would go on). A done sentence has all its live scores at -inf, the others none,
+    # also where one sentence of the batch is done and the other is not.
     logits = torch.full((4, 6), float("-inf"))
     logits[:, [EOS, 4, 5]] = 0.0
     max_len = torch.tensor([10, 4])

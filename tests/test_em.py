@@ -122,6 +122,52 @@ def test_selection_by_a_stand_in_nar_model(seed):
         assert score == pytest.approx(best, abs=1e-5) or (best == score == float("-inf"))
 
 
+class ModalTableNAR(TableNAR):
+    """TableNAR with a train mode, in which its scores are noisy as dropout would make them (here:
+    one nat lower per token), that notes whether each call runs under the run's bf16 autocast."""
+
+    def __init__(self, seed):
+        super().__init__(seed)
+        self.training, self.under_bf16 = True, []
+
+    def train(self, mode=True):
+        self.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def noted(self):
+        # a matrix product comes out in bf16 exactly where CPU bf16 autocast is on
+        self.under_bf16.append((torch.ones(1, 1) @ torch.ones(1, 1)).dtype == torch.bfloat16)
+
+    def score(self, src, tgt):
+        self.noted()
+        return super().score(src, tgt) - (tgt != 0).sum(1) * float(self.training)
+
+    def encode(self, src):
+        self.noted()
+        return super().encode(src)
+
+    def nar_logits(self, lengths, enc, enc_keep, max_tgt_len=None):
+        return super().nar_logits(lengths, enc, enc_keep, max_tgt_len) - float(self.training)
+
+
+@pytest.mark.exercise(7)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_selection_scores_in_eval_mode_and_the_runs_precision(precision):
+    # A model handed over in train mode: the E-step scores it as nar_scores does, in eval mode
+    # (dropout would make the scores noisy) and under the run's precision (bf16 autocast for a bf16
+    # run; none for fp32).
+    nar = ModalTableNAR(0)
+    sources, sets = [[4, 5], [6]], [[[5, 6, 7, 8], [6]], [[9, 9], [7, 4, 4], []]]
+    run = types.SimpleNamespace(decode_tokens=64, device="cpu", precision=precision)
+    scores = em_nat.candidate_nar_scores(run, nar, sources, sets)
+    direct = [[nar.direct(src, c) for c in cands] for src, cands in zip(sources, sets)]
+    assert scores == [pytest.approx(row, abs=1e-5) for row in direct]
+    assert nar.under_bf16 and all(on == (precision == "bf16") for on in nar.under_bf16)
+
+
 def tiny_nar(seed=0, sharpness=4.0):
     torch.manual_seed(seed)
     nar = Transformer(ModelConfig(vocab_size=20, kind="nar", d_model=32, n_heads=4, d_ff=64,
@@ -546,3 +592,28 @@ def test_cross_fitted_selection_never_scores_a_source_with_a_model_that_trained_
         assert scored and not scored & trained_on[judge], judge
         # trained on all the other folds
         assert trained_on[judge] | scored == sources
+
+
+def test_paired_differences_over_seeds_known_answers():
+    # valid% of three seeds: KD, EM1 and the AR top-1 control at EM1; EM1 - KD = 4, 3, 3: mean
+    # 10/3, sample sd sqrt(1/3), 2 SE = 2 sqrt(1/3) / sqrt(3) = 2/3
+    def results(*valid):
+        return [{"valid_rate": v, "bleu": 0.0, "kind": "nar"} for v in valid]
+    by_stage = {("nar", "ar"): results(99, 99, 99), ("nar", "nar-kd"): results(86, 87, 91),
+                ("nar", "em1-nar"): results(90, 90, 94),
+                ("ar-top1", "em1-nar"): results(91, 88, 94)}
+    assert report.paired_comparisons(by_stage) == [
+        ("em1-nar - nar-kd", ("nar", "em1-nar"), ("nar", "nar-kd")),
+        ("em1-nar: nar - ar-top1", ("nar", "em1-nar"), ("ar-top1", "em1-nar"))]
+    diffs, mean, two_se = report.paired_difference([90, 90, 94], [86, 87, 91])
+    assert diffs == [4, 3, 3] and mean == pytest.approx(10 / 3)
+    assert two_se == pytest.approx(2 / 3)
+    assert report.paired_difference([5.0], [2.0]) == ([3.0], 3.0, None)
+    table = report.format_paired_differences(by_stage, toy=True, seeds=[1, 2, 3])
+    em1_kd, nar_top1 = table.splitlines()[3:]
+    assert em1_kd.split()[-8:] == ["+4.0", "+3.0", "+3.0", "+3.33", "0.67", "3", "of", "3"]
+    # the AR top-1 control: -1, +2, 0: mean 1/3, 2 SE 2 sqrt(7/3) / sqrt(3) = 1.76, ahead on one
+    assert nar_top1.split()[-8:] == ["-1.0", "+2.0", "+0.0", "+0.33", "1.76", "1", "of", "3"]
+    # a setting run on fewer seeds than the study's is left out, not paired with the wrong seeds
+    by_stage[("random", "em1-nar")] = results(80, 81)
+    assert len(report.format_paired_differences(by_stage, True, [1, 2, 3]).splitlines()) == 5

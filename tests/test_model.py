@@ -8,7 +8,7 @@ import torch
 
 from data import collate
 from decode import ar_greedy
-from model import BOS, NEVER_EMITTED, PAD, ModelConfig, Transformer
+from model import BOS, NEVER_EMITTED, PAD, ModelConfig, Transformer, additive_mask
 from train import TrainConfig, train_model
 
 torch.set_num_threads(2)
@@ -118,6 +118,27 @@ def test_cached_steps_of_beam_hypotheses_that_switch_rows_and_sentences_that_lea
         assert_step_logits(logits, prefixes, model, src[[1, 1, 1]])
 
 
+@pytest.mark.exercise(3)
+def test_cached_steps_on_a_preallocated_cache_as_the_fast_path_calls_them():
+    # decode.py's fast path (the one a GPU runs): a cache preallocated for every step
+    # (new_fixed_cache), so its size says nothing of the step; the step a (1,) long tensor; the
+    # encoder mask already additive. One sentence and one row: logits (1, vocab).
+    model = tiny("ar", dropout=0.3)
+    src, tgt = random_batch()
+    src, tgt = src[1:2], tgt[1:2]
+    enc, keep = model.encode(src)
+    dec_in, _ = model.ar_inputs_outputs(tgt)
+    steps = dec_in.size(1) + 3
+    at, visible = torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 1, steps, dtype=torch.bool)
+    cache, _ = model.new_fixed_cache(1, steps, model.cross_keys_values(enc), at, visible)
+    with torch.no_grad():
+        for i in range(dec_in.size(1)):
+            at.fill_(i)
+            visible[..., i] = True
+            logits = model.ar_step(dec_in[:, i], at, enc, additive_mask(keep), cache)
+            assert_step_logits(logits, dec_in[:, :i + 1].tolist(), model, src)
+
+
 def test_nar_decoder_output_does_not_depend_on_target_tokens():
     model = tiny("nar")
     src, tgt = random_batch()
@@ -192,14 +213,14 @@ def test_nar_decoder_input_has_dropout_in_train_mode_only():
 def test_length_classifier_of_a_batch_by_hand(eps):
     # Every sentence its own logits from its own slot 0 (the length head's weights times slot 0, by
     # hand; up to a constant per sentence), in eval and in train mode alike (dropout 0.5
-    # configured); the loss by hand, averaged over sentences of different lengths (one of them
-    # max_len): -(1 - eps) log p(T|x) - eps times the mean of log p(c|x) over all classes. And a
-    # batch of one.
+    # configured); the loss by hand, averaged over sentences of different lengths (the classes at
+    # both ends: 0 and max_len): -(1 - eps) log p(T|x) - eps times the mean of log p(c|x) over
+    # all classes. And a batch of one.
     model = tiny("nar", dropout=0.5, label_smoothing=eps)
     src, _ = random_batch()
     with torch.no_grad():
         enc, _ = model.encode(src)
-    lengths = torch.tensor([7, 1, model.cfg.max_len])
+    lengths = torch.tensor([0, 1, model.cfg.max_len])
     weight = model.length_head.weight.detach()
     by_hand = torch.stack([weight @ enc[row, 0] for row in range(3)])          # (3, max_len + 1)
     logp = by_hand.log_softmax(-1)
