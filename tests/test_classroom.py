@@ -471,6 +471,10 @@ MUTATIONS = [
           "pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)",
           "seen = cache[0][\"self\"][\"k\"].size(2) if \"k\" in cache[0][\"self\"] else 0\n"
           "        pos = self.tgt_pos.weight[seen] * math.sqrt(self.cfg.d_model)"),
+    wrong(3, "b", "the step taken as a Python number only (full_like): the fast path passes "
+          "a (1,) tensor", "model.py",
+          "pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)",
+          "pos = self.tgt_pos(torch.full_like(token, step))[:, None] * math.sqrt(self.cfg.d_model)"),
     wrong(3, "a", ".squeeze() drops the row dimension of a single row", "model.py",
           "return self.output_logits(x, banned=True)[:, 0]",
           "return self.output_logits(x.squeeze(), banned=True)"),
@@ -866,8 +870,8 @@ RIGHT_SOLUTIONS = [
     Solution(3, "", "written like ar_states (with self.drop); the ban added after the output "
              "layer", (
         ("model.py", region("model.py", 3),
-         "        pos = self.tgt_pos(torch.full_like(token, step))[:, None] "
-         "* math.sqrt(self.cfg.d_model)\n"
+         "        at = torch.as_tensor(step, device=token.device).reshape(1, 1)\n"
+         "        pos = self.tgt_pos(at) * math.sqrt(self.cfg.d_model)\n"
          "        x = self.drop(self.embed(token)[:, None] * math.sqrt(self.cfg.d_model) + pos)\n"
          "        for layer, layer_cache in zip(self.decoder, cache):\n"
          "            x = layer(x, enc, attention_mask(enc_keep), cache=layer_cache)\n"
