@@ -278,8 +278,9 @@ def odd_viterbi(logp, lengths, k=3):
     tokens, so one of its top three is always allowed and at least as good as any token outside
     them. logp: (batch, t, vocab), the tokens never emitted at -inf (decoding_log_probs; nar_decode
     passes the logits, which rank each position's tokens alike); lengths: (batch,), each row its
-    own, from 1 to t (t may be 1). Returns tokens (batch, t), PAD after each row's length, and
-    scores (batch,): the sum over the row's real positions only."""
+    own, from 1 to t (t may be 1); logp is left as given (the caller may read it again). Returns
+    tokens (batch, t), PAD after each row's length, and scores (batch,): the sum over the row's real
+    positions only."""
     # >>> exercise 4: ODD Viterbi
     n, t, _ = logp.shape
     top_val, top_tok = logp.topk(min(k, logp.size(-1)), dim=-1)           # (batch, t, k)

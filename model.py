@@ -440,7 +440,8 @@ class Transformer(nn.Module):
         """Label-smoothed cross-entropy of the true target lengths (batch,) under the length
         classifier, averaged over the sentences, in float32: per sentence -(1 - eps) log p(T|x)
         - eps * the mean of log p(c|x) over all max_len+1 classes c (the true one included),
-        eps = cfg.label_smoothing (as F.cross_entropy's label_smoothing)."""
+        eps = cfg.label_smoothing (as F.cross_entropy's label_smoothing). The NAR loss adds it, so
+        its gradient trains the length head and, through slot 0, the encoder: nothing detached."""
         # >>> exercise 1: the length classifier and its loss
         return F.cross_entropy(self.length_logits(enc).float(), lengths,
                                label_smoothing=self.cfg.label_smoothing)

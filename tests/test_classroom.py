@@ -386,6 +386,19 @@ MUTATIONS = [
           "lengths,\n                               label_smoothing=self.cfg.label_smoothing)",
           "lengths.clamp(min=1),\n"
           "                               label_smoothing=self.cfg.label_smoothing)"),
+    # (a third blind trial)
+    wrong(1, "c", "the loss computed under no_grad: its value right, no gradient at all", "model.py",
+          "        return F.cross_entropy(self.length_logits(enc).float(), lengths,",
+          "        with torch.no_grad():\n"
+          "            logits = self.length_logits(enc).float()\n"
+          "        return F.cross_entropy(logits, lengths,"),
+    wrong(1, "c", "slot 0 detached in length_logits: the encoder never learns the length",
+          "model.py", "return self.length_head(enc[:, 0])",
+          "return self.length_head(enc[:, 0].detach())"),
+    wrong(1, "c", "the encoder output detached in the loss", "model.py",
+          "self.length_logits(enc).float()", "self.length_logits(enc.detach()).float()"),
+    wrong(1, "c", "no float32 cast (a bf16 model's loss in bf16)", "model.py",
+          "self.length_logits(enc).float()", "self.length_logits(enc)"),
     # 2: the NAR decoder's input
     wrong(2, "train/eval", "no dropout", "model.py",
           "x = self.drop(pos[None].expand(lengths.size(0), t, -1) * keep[..., None])",
@@ -475,6 +488,9 @@ MUTATIONS = [
           "a (1,) tensor", "model.py",
           "pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)",
           "pos = self.tgt_pos(torch.full_like(token, step))[:, None] * math.sqrt(self.cfg.d_model)"),
+    wrong(3, "c", "the step read on the host (int(step)): a sync the fast path cannot record",
+          "model.py", "pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)",
+          "pos = self.tgt_pos.weight[int(step)] * math.sqrt(self.cfg.d_model)"),
     wrong(3, "a", ".squeeze() drops the row dimension of a single row", "model.py",
           "return self.output_logits(x, banned=True)[:, 0]",
           "return self.output_logits(x.squeeze(), banned=True)"),
@@ -523,6 +539,12 @@ MUTATIONS = [
     wrong(4, "a", "backtracking with the first row's pointers for every row", "decode.py",
           "        choice = arg_prev.gather(1, choice[:, None]).squeeze(1)",
           "        choice = arg_prev[0][choice]"),
+    # (a third blind trial)
+    wrong(4, "c", "the caller's logp masked in place past each length", "decode.py",
+          "    n, t, _ = logp.shape\n",
+          "    n, t, _ = logp.shape\n"
+          "    past = torch.arange(t, device=logp.device)[None, :] >= lengths[:, None]\n"
+          "    logp.masked_fill_(past[..., None], 0.0)\n"),
     # 5: the length window and NPD rescoring
     wrong(5, "b", "the window starts (B - 1) // 2 below the centre", "decode.py",
           "start = (center - beam // 2)", "start = (center - (beam - 1) // 2)"),
@@ -606,6 +628,19 @@ MUTATIONS = [
     wrong(6, "a", "a done sentence signalled only once every sentence of the batch is done",
           "decode.py", "scores = scores.masked_fill(done[:, None], NEG_INF)",
           "scores = scores.masked_fill(done.all(), NEG_INF)"),
+    # (a third blind trial)
+    wrong(6, "c", "every live hypothesis's <eos> extension finishes, not only those of the 2k best",
+          "decode.py",
+          "    prefix = state.tokens.view(n, k, -1)[:, :, 1:].gather(1, origin[..., None].expand(-1, "
+          "-1, step))\n"
+          "    ended = F.pad(prefix, (0, steps - step), value=PAD)                    # (n, 2k, steps)\n"
+          "    ended_scores = (cand / length_penalty(step + 1, alpha)).masked_fill(~ends, NEG_INF)\n",
+          "    eos_scores = state.scores + (logits[:, EOS:EOS + 1] - log_norm).view(n, k)\n"
+          "    ended = F.pad(state.tokens.view(n, k, -1)[:, :, 1:], (0, steps - step), value=PAD)\n"
+          "    ended_scores = eos_scores / length_penalty(step + 1, alpha)\n"),
+    wrong(6, "c", "the stop test against the finished set from before this step's merge",
+          "decode.py", "done = scores[:, 0] / state.bound <= fin_scores[:, -1]",
+          "done = scores[:, 0] / state.bound <= state.fin_scores[:, -1]"),
     # 7: the E-step's selection
     wrong(7, "b", "ties to the last candidate", "em_nat.py",
           "picks = [max(range(len(row)), key=row.__getitem__) for row in scores]",
@@ -932,6 +967,11 @@ RIGHT_SOLUTIONS = [
         ("decode.py", region("decode.py", 5, 1),
          "    scores = rescorer.score(src, tokens)\n"
          "    return scores / ((5.0 + lengths + 1) / 6.0) ** alpha\n"))),
+    Solution(5, "", "the window returned as int32 (integer lengths of another width)", (
+        ("decode.py",
+         "    return (start[:, None] + torch.arange(beam, device=center.device)).clamp(max=max_len)\n",
+         "    window = start[:, None] + torch.arange(beam, device=center.device)\n"
+         "    return window.clamp(max=max_len).to(torch.int32)\n"),)),
     Solution(5, "", "the window's last length clamped first", (
         ("decode.py", region("decode.py", 5, 0),
          "    end = (center - beam // 2 + beam - 1).clamp(min=beam, max=max_len)\n"

@@ -30,8 +30,10 @@ def assert_odd_equals_brute_force(logp, lengths):
     """odd_viterbi against enumeration of every sequence with no two equal neighbours (of the
     tokens that are not -inf), row by row: tokens (batch, t) PAD past the length, and scores."""
     n, t, v = logp.shape
+    given = logp.clone()
     tokens, scores = odd_viterbi(logp, lengths)
     assert tokens.shape == (n, t) and scores.shape == (n,)
+    assert torch.equal(logp, given), "odd_viterbi changed its input"
     for row, table in enumerate(logp.tolist()):
         length = int(lengths[row])
         allowed = [[y for y in range(v) if table[i][y] > float("-inf")] for i in range(length)]
@@ -458,6 +460,112 @@ def test_stop_rule_stops_on_a_tie():
     assert (state.scores[0] == float("-inf")).all()
 
 
+def reference_beam_step(state, logits, step, k, alpha):
+    """beam_step's docstring written out, sentence by sentence and token by token, in plain Python.
+    Returns fin (per sentence: [(score, tokens)] best first), live (per sentence: [(raw score, parent
+    row, token)] best first, [] when done) and, to show which cases a trial holds, whether some
+    <eos> extension outside the 2k best would have entered the finished set, and whether this
+    step's merge decided that the sentence is done."""
+    inf = float("-inf")
+    fins, lives, eos_outside, merge_decides = [], [], False, False
+    for i in range(state.scores.size(0)):
+        extensions = []                                           # (raw score, parent row, token)
+        for j in range(k):
+            row, score = i * k + j, float(state.scores[i, j])
+            if score == inf:
+                continue
+            row_logits = logits[row].tolist()
+            log_norm = math.log(sum(math.exp(x) for x in row_logits if x > inf))
+            for token, x in enumerate(row_logits):
+                at_limit = step >= int(state.max_len[i])
+                if x > inf and (token == EOS or not at_limit):
+                    extensions.append((score + x - log_norm, row, token))
+        extensions.sort(key=lambda e: -e[0])
+        best = extensions[:2 * k]
+        penalty = float(length_penalty(step + 1, alpha))
+
+        def finished(row):                                   # the output, without <bos>
+            return state.tokens[row, 1:].tolist()
+
+        old = [(float(state.fin_scores[i, j]), [t for t in state.fin_tokens[i, j].tolist()
+                                                if t != PAD])
+               for j in range(k) if float(state.fin_scores[i, j]) > inf]
+        ended = [(score / penalty, finished(row)) for score, row, token in best if token == EOS]
+        fin = sorted(old + ended, key=lambda f: -f[0])[:k]
+        every_eos = [(score / penalty, finished(row)) for score, row, token in extensions
+                     if token == EOS]
+        if sorted(old + every_eos, key=lambda f: -f[0])[:k] != fin:
+            eos_outside = True
+        live = [e for e in best if e[2] != EOS][:k]
+        kth = fin[k - 1][0] if len(fin) == k else inf
+        best_live = live[0][0] / float(state.bound[i]) if live else inf
+        done = best_live <= kth
+        old_kth = old[k - 1][0] if len(old) == k else inf
+        merge_decides |= done != (best_live <= old_kth)
+        fins.append(fin)
+        lives.append([] if done else live)
+    return fins, lives, eos_outside, merge_decides
+
+
+def random_beam_state(generator, n, k, vocab):
+    """n sentences of k live hypotheses at a random step, some at their length limit, some with a
+    partly filled finished set, some slots empty; logits with <eos> sometimes likely, sometimes not.
+    Every score is a random float: no ties."""
+    step = int(torch.randint(1, 5, (1,), generator=generator))
+    max_len = step + torch.randint(0, 3, (n,), generator=generator)
+    alpha = [0.0, 1.0, 1.4][int(torch.randint(0, 3, (1,), generator=generator))]
+    tokens = torch.randint(4, vocab, (n * k, step + 1), generator=generator)
+    tokens[:, 0] = BOS
+    scores = -torch.rand(n, k, generator=generator).mul(4 * step).sort(dim=1, descending=True)[0]
+    scores[0, k - 1] = float("-inf")                                      # an empty live slot
+    steps = int(max_len.max()) + 1
+    fin_tokens = torch.randint(4, vocab, (n, k, steps), generator=generator)
+    fin_scores = -torch.rand(n, k, generator=generator).mul(3).sort(dim=1, descending=True)[0]
+    for i in range(n):
+        filled = int(torch.randint(0, k + 1, (1,), generator=generator))
+        fin_scores[i, filled:] = float("-inf")
+        fin_tokens[i, filled:] = PAD
+        fin_tokens[i, :filled, int(torch.randint(0, steps, (1,), generator=generator)):] = PAD
+    logits = torch.randn(n * k, vocab, generator=generator) * 2
+    logits[:, [PAD, BOS, UNK]] = float("-inf")
+    logits[:, EOS] += torch.randint(-1, 2, (n * k,), generator=generator) * 3.0
+    state = BeamState(index=torch.arange(n), max_len=max_len, shortest_limit=int(max_len.min()),
+                      bound=length_penalty(max_len + 1, alpha), tokens=tokens, scores=scores,
+                      fin_tokens=fin_tokens, fin_scores=fin_scores)
+    return state, logits, step, alpha
+
+
+@pytest.mark.exercise(6)
+@pytest.mark.parametrize("beam", [2, 3])
+def test_beam_step_matches_its_docstring_written_out_on_random_states(beam):
+    # A slow reference of one step (reference_beam_step) against beam_step on 60 random batches of
+    # 3 sentences. Among them: <eos> extensions outside the 2k best that would change the finished
+    # set if they joined it (only those among the 2k best may), and sentences whose stop test is
+    # decided by this step's merge (the k-th finished score after it, not before).
+    generator = torch.Generator().manual_seed(beam)
+    outside = decided = 0
+    for trial in range(60):
+        state, logits, step, alpha = random_beam_state(generator, 3, beam, 9)
+        fins, lives, eos_outside, merge_decides = reference_beam_step(state, logits, step, beam,
+                                                                      alpha)
+        outside, decided = outside + eos_outside, decided + merge_decides
+        new, rows = beam_step(state, logits.clone(), step, beam, alpha)
+        for i, (fin, live) in enumerate(zip(fins, lives)):
+            where = f"trial {trial}, sentence {i}"
+            fin_scores = new.fin_scores[i].tolist()
+            assert fin_scores[:len(fin)] == pytest.approx([f[0] for f in fin], abs=1e-5), where
+            assert all(f == float("-inf") for f in fin_scores[len(fin):]), where
+            for j, (_, tokens) in enumerate(fin):
+                assert [t for t in new.fin_tokens[i, j].tolist() if t != PAD] == tokens, where
+            live_scores = new.scores[i].tolist()
+            assert live_scores[:len(live)] == pytest.approx([e[0] for e in live], abs=1e-5), where
+            assert all(s == float("-inf") for s in live_scores[len(live):]), where
+            for j, (_, row, token) in enumerate(live):
+                assert int(rows[i * beam + j]) == row, where
+                assert new.tokens[i * beam + j].tolist() == state.tokens[row].tolist() + [token]
+    assert outside >= 5 and decided >= 5, (outside, decided)
+
+
 class ChainLM(HistoryLM):
     """A stand-in AR model built for the stop test (vocabulary <pad> <eos> <unk> <bos> 4 5 6): after
     the empty prefix, <eos> has log-probability first_eos[s] and token 4 -1.0 (5 and 6 share the
@@ -606,7 +714,8 @@ def test_length_window_of_a_batch_equals_brute_force(beam, max_len):
     # [1, max_len], the window whose first length is nearest to L - floor(B/2).
     centers = torch.tensor([c for c in (8, 1, 2, max_len - 1, 3, max_len, 9) if 1 <= c <= max_len])
     got = length_window(centers, beam, max_len)
-    assert got.shape == (len(centers), beam) and got.dtype == torch.long
+    assert got.shape == (len(centers), beam)
+    assert not got.dtype.is_floating_point and got.dtype != torch.bool    # integer lengths, any width
     for row, center in enumerate(centers.tolist()):
         starts = range(1, max_len - beam + 2)
         start = min(starts, key=lambda s: abs(s - (center - beam // 2)))

@@ -118,18 +118,36 @@ def test_cached_steps_of_beam_hypotheses_that_switch_rows_and_sentences_that_lea
         assert_step_logits(logits, prefixes, model, src[[1, 1, 1]])
 
 
+class StepOnDevice(torch.Tensor):
+    """A step counter that may not be read on the host (int(), .item(), .tolist(), a truth test):
+    on a GPU each read is a host sync, which a CUDA graph cannot record. What is computed from it
+    is a plain tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+    def host_read(self, *args):
+        raise AssertionError("ar_step read the step on the host (a sync); index with the tensor")
+
+    item = tolist = __int__ = __index__ = __float__ = __bool__ = host_read
+
+
 @pytest.mark.exercise(3)
 def test_cached_steps_on_a_preallocated_cache_as_the_fast_path_calls_them():
     # decode.py's fast path (the one a GPU runs): a cache preallocated for every step
     # (new_fixed_cache), so its size says nothing of the step; the step a (1,) long tensor; the
-    # encoder mask already additive. One sentence and one row: logits (1, vocab).
+    # encoder mask already additive. One sentence and one row: logits (1, vocab). The step is read
+    # on the device: no host sync (a CUDA graph cannot record one).
     model = tiny("ar", dropout=0.3)
     src, tgt = random_batch()
     src, tgt = src[1:2], tgt[1:2]
     enc, keep = model.encode(src)
     dec_in, _ = model.ar_inputs_outputs(tgt)
     steps = dec_in.size(1) + 3
-    at, visible = torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 1, steps, dtype=torch.bool)
+    at = torch.zeros(1, dtype=torch.long).as_subclass(StepOnDevice)
+    visible = torch.zeros(1, 1, 1, steps, dtype=torch.bool)
     cache, _ = model.new_fixed_cache(1, steps, model.cross_keys_values(enc), at, visible)
     with torch.no_grad():
         for i in range(dec_in.size(1)):
@@ -248,6 +266,51 @@ def test_nar_self_attention_ignores_positions_past_the_length():
     padded = model.nar_logits(lengths, enc, keep, max_tgt_len=9)
     real = torch.arange(5)[None] < lengths[:, None]
     assert torch.allclose(short[real], padded[:, :5][real], atol=1e-5)
+
+
+@pytest.mark.exercise(1)
+def test_the_length_loss_trains_the_length_head_and_the_encoder():
+    # The NAR loss adds the length loss, so its gradients must reach the length head and, through
+    # slot 0, the encoder: the same loss written out here gives the gradients to match, on the same
+    # weights (a loss computed under no_grad, or from a detached slot 0, has none or the head's
+    # only).
+    model = tiny("nar", label_smoothing=0.1)
+    src, _ = random_batch()
+    lengths = torch.tensor([0, 4, model.cfg.max_len])
+
+    def gradients(loss_of):
+        model.zero_grad()
+        enc, _ = model.encode(src)
+        loss_of(enc).backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                for p in (model.length_head.weight, model.src_pos.weight)]
+
+    def by_hand(enc):
+        logp = model.length_head(enc[:, 0]).float().log_softmax(-1)      # (batch, max_len + 1)
+        true = logp.gather(1, lengths[:, None])[:, 0]
+        return (-(1 - 0.1) * true - 0.1 * logp.mean(-1)).mean()
+
+    want = gradients(by_hand)
+    got = gradients(lambda enc: model.length_loss(enc, lengths))
+    assert want[1].abs().sum() > 0                                   # the encoder does get one
+    for name, g, w in zip(("length head", "encoder"), got, want):
+        assert torch.allclose(g, w, atol=1e-6), name
+
+
+@pytest.mark.exercise(1)
+def test_the_length_loss_is_float32_for_a_bf16_model():
+    # "in float32": a model whose weights are bf16 still returns a float32 loss, computed from its
+    # bf16 logits in float32.
+    model = tiny("nar", label_smoothing=0.1).to(torch.bfloat16)
+    src, _ = random_batch()
+    lengths = torch.tensor([2, 4, 16])
+    with torch.no_grad():
+        enc, _ = model.encode(src)
+        logp = model.length_logits(enc).float().log_softmax(-1)
+        loss = model.length_loss(enc, lengths)
+    want = (-(0.9 * logp.gather(1, lengths[:, None])[:, 0]) - 0.1 * logp.mean(-1)).mean()
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - want.item()) < 1e-5
 
 
 @pytest.mark.exercise(1)
