@@ -13,7 +13,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ("options.py", "model.py", "data.py", "decode.py", "train.py", "report.py", "em_nat.py")
 SMALL = ["--toy-train-size", "200", "--nar-steps", "5", "--warmup", "10", "--em-iterations", "0",
-         "--speed-sentences", "2", "--examples", "0", "--device", "cpu", "--threads", "1"]
+         "--max-tokens", "512", "--speed-sentences", "2", "--examples", "0", "--device", "cpu",
+         "--threads", "1"]
 
 
 def train_py(args, **kwargs):

@@ -20,8 +20,8 @@ OTHER_TOOLS = {"--exercise", "--collect-only", "--nproc_per_node", "--nnodes", "
                "--version", "--force", "--metrics", "--lowercase", "--width", "--upgrade",
                "--quiet", "--verbose"}
 TINY = ["--toy-train-size", "300", "--ar-steps", "60", "--nar-steps", "40", "--valid-every", "20",
-        "--warmup", "20", "--candidates", "4", "--speed-sentences", "2", "--examples", "0",
-        "--threads", "1", "--device", "cpu"]
+        "--warmup", "20", "--max-tokens", "512", "--candidates", "4", "--speed-sentences", "2",
+        "--examples", "0", "--threads", "1", "--device", "cpu"]
 
 
 def parser_options(parser):

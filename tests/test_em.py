@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import types
 
 import pytest
@@ -280,9 +281,11 @@ def test_alignment_entropy_known_answers():
     assert abs(report.alignment_entropy(two_ways) - 1.0) < 0.1
 
 
+# Small batches (512 tokens) keep a whole two-iteration run near half a minute: these tests check
+# what the pipeline does with its models, not how good the models get.
 TINY = ["--toy-train-size", "300", "--ar-steps", "60", "--nar-steps", "40", "--valid-every", "20",
-        "--warmup", "20", "--em-iterations", "2", "--candidates", "4", "--speed-sentences", "3",
-        "--device", "cpu"]
+        "--warmup", "20", "--max-tokens", "512", "--em-iterations", "2", "--candidates", "4",
+        "--speed-sentences", "3", "--device", "cpu"]
 
 
 STAGES = ["ar", "nar-raw", "nar-kd", "em1-ar", "em1-nar", "em2-ar", "em2-nar"]
@@ -307,20 +310,39 @@ def read_lines(path):
     return path.read_text().split("\n")[:-1]
 
 
-def test_pipeline_artefacts_and_resume(tmp_path, monkeypatch):
-    full = run_tiny(tmp_path / "full")
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One finished tiny run (two EM iterations), shared by the tests that only read it or copy it:
+    (its directory, its results)."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    return out, run_tiny(out)
+
+
+def copy_of(run_dir, to, keep_stages):
+    """A copy of a finished run as a run stopped after `keep_stages` would have left it."""
+    shutil.copytree(run_dir, to)
+    for stage in STAGES[keep_stages:]:
+        shutil.rmtree(to / stage)
+    for name in ("results.json", "results.txt"):
+        os.remove(to / name)
+
+
+def test_pipeline_artefacts_and_resume(tiny_run, tmp_path, monkeypatch):
+    full_dir, full = tiny_run
     assert [r["stage"] for r in full] == STAGES
     for stage in STAGES:
         for name in ("model.pt", "config.json", "vocab.txt", "result.json", "train.tgt"):
-            assert os.path.isfile(tmp_path / "full" / stage / name), (stage, name)
-        assert not os.path.exists(tmp_path / "full" / stage / "resume.pt")
+            assert os.path.isfile(full_dir / stage / name), (stage, name)
+        assert not os.path.exists(full_dir / stage / "resume.pt")
         # the test outputs
         for decoder in (["beam"] if stage == "ar" or stage.endswith("-ar")
                         else ["argmax", "ODD", "NPD"]):
-            lines = read_lines(tmp_path / "full" / stage / f"test.{decoder}.txt")
+            lines = read_lines(full_dir / stage / f"test.{decoder}.txt")
             assert len(lines) == 300 and all(line.strip() for line in lines[:5]), (stage, decoder)
 
-    # Kill the run inside the em1-nar stage's training loop, then run the same command again.
+    # A run that finished its first four stages (copied from the full run) is killed inside the
+    # em1-nar stage's training loop; the same command again must end where the full run ended.
+    copy_of(full_dir, tmp_path / "resumed", keep_stages=STAGES.index("em1-nar"))
     real_train_model = train.train_model
 
     def crash_in_em1_nar(model, pairs, valid, cfg, out_dir, desc="train", meta=None):
@@ -424,11 +446,10 @@ def test_the_loop_resumed_after_its_last_stage_recomputes_nothing(monkeypatch):
     assert loaded == [], f"models loaded although every stage is finished: {loaded}"
 
 
-def test_the_loop_runs_in_the_papers_order(tmp_path):
+def test_the_loop_runs_in_the_papers_order(tiny_run):
     # Which model proposes Q, which selects within it, which model's outputs each NAR model learns:
     # recomputed from the saved models and compared with the saved targets.
-    out = tmp_path / "run"
-    run_tiny(out)
+    out, _ = tiny_run
     run = em_nat.Run(tiny_config(out))
     load = lambda name: em_nat.LazyModel(run, name).model()
     assert run.read_ids(str(out / "nar-raw" / "train.tgt")) == [t for _, t in run.train_ids]
@@ -456,8 +477,10 @@ def test_the_loop_runs_in_the_papers_order(tmp_path):
 
 
 def test_controls_share_the_first_stages_and_select_as_they_say(tmp_path):
-    # Q = all 4 candidates
-    cfg = tiny_config(tmp_path, ["--em-iterations", "1", "--quality-margin", "none"])
+    # Q = all 4 candidates; shorter training and a narrower length window than the others' (the
+    # test checks which candidates are chosen, not how good they are)
+    cfg = tiny_config(tmp_path, ["--em-iterations", "1", "--quality-margin", "none", "--ar-steps",
+                                 "30", "--nar-steps", "20", "--length-beam", "2"])
     by_stage = em_nat.run_seeds(cfg, [3], ["nar", "random", "ar-top1"])
     assert sorted(by_stage) == sorted((sel, st) for sel in ("nar", "random", "ar-top1")
                                       for st in STAGES[:5])
@@ -536,13 +559,13 @@ def test_target_modes_known_answers():
     assert abs(modes["mode_entropy"] - 1.0) < 1e-9 and abs(modes["invalid"] - 100 / 3) < 1e-9
 
 
-def test_a_run_directory_refuses_other_settings(tmp_path):
-    run_tiny(tmp_path / "r", extra=["--em-iterations", "0"])
+def test_a_run_directory_refuses_other_settings(tiny_run, tmp_path):
+    copy_of(tiny_run[0], tmp_path / "r", keep_stages=3)           # stopped after distillation
     for changed in (["--seed", "2"], ["--alpha", "1.4"], ["--kd-beam", "3"], ["--length-beam", "3"],
                     ["--quality-margin", "none"], ["--selection", "random"]):
         # a clear error, not a mixed run
         with pytest.raises(em_nat.CheckpointError, match="other settings"):
-            em_nat.run_pipeline(tiny_config(tmp_path / "r", ["--em-iterations", "0", *changed]))
+            em_nat.run_pipeline(tiny_config(tmp_path / "r", changed))
 
 
 def test_printed_examples_mark_repeats_and_validity():
