@@ -16,9 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 # Options of the other tools the docs show: pip, pytest, torchrun, sacrebleu, git.
 OTHER_TOOLS = {"--exercise", "--collect-only", "--durations", "--nproc_per_node", "--nnodes",
-               "--node_rank", "--master_addr", "--master_port", "--standalone", "--tokenize", "--input", "--help",
-               "--version", "--force", "--metrics", "--lowercase", "--width", "--upgrade",
-               "--quiet", "--verbose"}
+               "--node_rank", "--master_addr", "--master_port", "--standalone", "--tokenize",
+               "--input", "--help", "--version", "--force", "--metrics", "--lowercase", "--width",
+               "--upgrade", "--quiet", "--verbose"}
 TINY = ["--toy-train-size", "300", "--ar-steps", "60", "--nar-steps", "40", "--valid-every", "20",
         "--warmup", "20", "--max-tokens", "512", "--candidates", "4", "--speed-sentences", "2",
         "--examples", "0", "--threads", "1", "--device", "cpu"]
