@@ -278,9 +278,10 @@ def odd_viterbi(logp, lengths, k=3):
     tokens, so one of its top three is always allowed and at least as good as any token outside
     them. logp: (batch, t, vocab), the tokens never emitted at -inf (decoding_log_probs; nar_decode
     passes the logits, which rank each position's tokens alike); lengths: (batch,), each row its
-    own, from 1 to t (t may be 1); logp is left as given (the caller may read it again). Returns
-    tokens (batch, t), PAD after each row's length, and scores (batch,): the sum over the row's real
-    positions only."""
+    own, from 1 to t (t may be 1); logp is left as given (the caller may read it again). No two
+    neighbours are equal however unlikely every alternative is. Returns tokens (batch, t), PAD after
+    each row's length, and scores (batch,): the sum over the row's real positions only; all on
+    logp's device, where every tensor it makes lies too."""
     # >>> exercise 4: ODD Viterbi
     n, t, _ = logp.shape
     top_val, top_tok = logp.topk(min(k, logp.size(-1)), dim=-1)           # (batch, t, k)
@@ -317,7 +318,7 @@ def length_window(center, beam, max_len):
     official code builds them: B consecutive lengths from max(L - floor(B/2), 1), shifted down where
     they would pass max_len, so there are always B distinct lengths (for B <= max_len). Every
     sentence of the batch gets the window around its own centre. -> (batch, beam) integer
-    lengths."""
+    lengths, on the device of `center`, where every tensor it makes lies too."""
     # >>> exercise 5: the length window and NPD rescoring
     start = (center - beam // 2).clamp(min=1).clamp(max=max(max_len - beam + 1, 1))
     return (start[:, None] + torch.arange(beam, device=center.device)).clamp(max=max_len)

@@ -388,7 +388,8 @@ class Transformer(nn.Module):
         the output cannot depend on the target. At a real position i < T of a sentence of length
         T, the position embedding of i (tgt_pos) scaled by sqrt(d) like the token embeddings;
         past T, zeros; then dropout (self.drop: in train mode only, each entry of the batch on its
-        own)."""
+        own). The position embeddings learn through this input (nothing detached), and every
+        tensor it makes lies on the device of `lengths` (the model's)."""
         t = int(lengths.max()) if max_tgt_len is None else max_tgt_len
         keep = padding_mask(lengths, t)                                   # (batch, t)
         # >>> exercise 2: the NAR decoder's input

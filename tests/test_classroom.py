@@ -855,6 +855,26 @@ MUTATIONS += [
 
 # Right solutions written otherwise than the reference, each of which must pass its exercise's
 # grading (the reference itself is graded beside them, as a check of this test).
+# A fourth blind trial's escapes: tensors made on the CPU beside the model's device (caught on the
+# "meta" device), positions that never learn, and a finite penalty for a repeat.
+MUTATIONS += [
+    wrong(2, "c", "the positions made on the CPU (torch.arange with no device)", "model.py",
+          "pos = self.tgt_pos(torch.arange(t, device=lengths.device))",
+          "pos = self.tgt_pos(torch.arange(t))"),
+    wrong(2, "c", "the position embeddings detached: they never learn", "model.py",
+          "pos = self.tgt_pos(torch.arange(t, device=lengths.device))",
+          "pos = self.tgt_pos(torch.arange(t, device=lengths.device)).detach()"),
+    wrong(4, "c", "the length mask made on the CPU", "decode.py",
+          "real = torch.arange(t, device=logp.device)[None, :] < lengths[:, None]",
+          "real = torch.arange(t)[None, :] < lengths[:, None]"),
+    wrong(4, "c", "a finite penalty (-1e4) for a repeat", "decode.py",
+          "transition = (same & real[:, 1:, None, None]).float() * -1e9",
+          "transition = (same & real[:, 1:, None, None]).float() * -1e4"),
+    wrong(5, "c", "the window's offsets made on the CPU", "decode.py",
+          "torch.arange(beam, device=center.device)", "torch.arange(beam)"),
+]
+
+
 RIGHT_SOLUTIONS = [
     Solution(1, "", "a loop over sentences; the smoothed loss by hand", (
         ("model.py", region("model.py", 1, 0),

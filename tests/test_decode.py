@@ -12,6 +12,7 @@ from decode import (BeamState, beam_step, ar_beam_search, ar_greedy, detokenize,
                     nbest_ids, translate_ids, translate_lines, build_parser)
 from data import Vocab
 from model import BOS, EOS, PAD, UNK, ModelConfig, Transformer, SPECIALS
+from one_device import run_on_meta
 
 torch.set_num_threads(2)
 
@@ -95,6 +96,34 @@ def test_odd_needs_the_third_best_token_of_a_position():
     # row 2 has length 2: no right neighbour
     assert tokens.tolist() == [[4, 6, 5], [4, 5, PAD]]
     assert score.tolist() == pytest.approx([-3.2, -2.1])
+
+
+@pytest.mark.exercise(4)
+def test_odd_never_repeats_however_unlikely_the_alternatives():
+    # Token 4 is 30,000 nats ahead of every other token at both positions: any output without a
+    # repeat pays that once, and ODD must pay it (a finite penalty for a repeat, say -1e4, would
+    # not).
+    logp = torch.full((2, 2, 6), -3e4)
+    logp[:, :, 4] = 0.0
+    tokens, scores = odd_viterbi(logp, torch.tensor([2, 1]))
+    assert tokens[0, 0] != tokens[0, 1] and 4 in tokens[0].tolist()
+    assert tokens[1].tolist() == [4, PAD]
+    assert scores.tolist() == pytest.approx([-3e4, 0.0])
+
+
+@pytest.mark.exercise(4)
+def test_odd_viterbi_stays_on_the_device_of_its_input():
+    # On the "meta" device (shapes, no values) every operation must take its tensors from one
+    # device: a tensor made on the CPU by mistake fails here as it would beside a GPU's.
+    # (tests/one_device.py; code that reads values on the host cannot run there and is graded by the
+    # other tests)
+    for t in (1, 4):
+        out = run_on_meta(odd_viterbi, torch.empty(3, t, 8, device="meta"),
+                          torch.ones(3, dtype=torch.long, device="meta"))
+        if out is not None:
+            tokens, scores = out
+            assert tokens.device.type == scores.device.type == "meta"
+            assert tokens.shape == (3, t) and scores.shape == (3,)
 
 
 def decoding_log_probs(model, src_row, prefixes):
@@ -720,6 +749,13 @@ def test_length_window_of_a_batch_equals_brute_force(beam, max_len):
         starts = range(1, max_len - beam + 2)
         start = min(starts, key=lambda s: abs(s - (center - beam // 2)))
         assert got[row].tolist() == list(range(start, start + beam)), f"centre {center}"
+
+
+@pytest.mark.exercise(5)
+def test_length_window_stays_on_the_device_of_its_centres():
+    # As for ODD: on the "meta" device, no tensor made on another one.
+    got = run_on_meta(length_window, torch.ones(4, dtype=torch.long, device="meta"), 5, 16)
+    assert got is None or (got.device.type == "meta" and got.shape == (4, 5))
 
 
 class TableRescorer:

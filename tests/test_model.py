@@ -9,6 +9,7 @@ import torch
 from data import collate
 from decode import ar_greedy
 from model import BOS, NEVER_EMITTED, PAD, ModelConfig, Transformer, additive_mask
+from one_device import run_on_meta
 from train import TrainConfig, train_model
 
 torch.set_num_threads(2)
@@ -224,6 +225,29 @@ def test_nar_decoder_input_has_dropout_in_train_mode_only():
     assert 0.35 < dropped[real].float().mean() < 0.65
     assert (got[~real] == 0).all()
     assert (dropped[0, :2] != dropped[1, :2]).any(), "each sentence its own dropout"
+
+
+@pytest.mark.exercise(2)
+def test_nar_decoder_input_trains_the_positions_and_stays_on_the_models_device():
+    # The position embeddings learn through the input: every row up to the longest length gets a
+    # gradient, the rows past it none.
+    model = tiny("nar")
+    src, _ = random_batch()
+    enc, keep = model.encode(src)
+    out = model.nar_states(torch.tensor([3, 5, 1]), enc, keep)              # (3, 5, d)
+    (out * torch.randn_like(out)).sum().backward()
+    grad = model.tgt_pos.weight.grad
+    assert grad is not None and grad[:5].abs().sum(1).gt(0).all() and grad[5:].eq(0).all()
+    # On the "meta" device every operation must take its tensors from one device: a tensor made on
+    # the CPU by mistake fails here as it would beside a GPU's (tests/one_device.py; code that
+    # reads values on the host cannot run there and is graded by the other tests).
+    model.to("meta")
+    with torch.no_grad():
+        enc, keep = model.encode(src.to("meta"))
+    for train_mode in (False, True):
+        model.train(train_mode)
+        out = run_on_meta(model.nar_states, torch.tensor([3, 5, 1], device="meta"), enc, keep, 5)
+        assert out is None or (out.device.type == "meta" and out.shape == (3, 5, model.cfg.d_model))
 
 
 @pytest.mark.exercise(1)
