@@ -148,7 +148,8 @@ def learn_bpe(word_counts, num_merges):
     weighted by its count (overlapping ones too: a a a a</w> holds (a, a) twice). Each step merges
     the most frequent pair in every word (merge_symbols) and counts again on the merged words; of
     equal counts the smallest pair wins (min over (-count, pair)). It stops early when no pair
-    occurs twice. Returns the merges, a list of pairs, in the order learned.
+    occurs twice. word_counts is left as given. Returns the merges, a list of pairs, in the order
+    learned.
     Incremental: a pair's count is updated only in the words that contain it, and a lazy max-heap
     finds the most frequent pair, so 10k merges over IWSLT-sized text take minutes, not hours."""
     # >>> exercise 9: learning BPE merges

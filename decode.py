@@ -172,7 +172,8 @@ def beam_step(state, logits, step, beam, alpha):
       log-softmax.
     - Finished set: fin_tokens (n, k, steps) holds each finished output without <bos> and <eos>,
       PAD-padded; fin_scores (n, k) its raw log-probability (the <eos> included) over
-      length_penalty(step + 1, alpha), best first, -inf where the set holds fewer than k.
+      length_penalty(step + 1, alpha), best first, -inf where the set holds fewer than k. Of equal
+      scores (finished or live) either may come first or be kept: no tie rule is graded.
     - Live hypotheses: tokens (n * k, step + 2) are the parents' rows with the new token appended,
       scores (n, k) their raw log-probabilities, best first, -inf for an empty slot.
     - Stop test (exact): a sentence is done when its best live raw score over state.bound (its own

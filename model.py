@@ -311,6 +311,7 @@ class Transformer(nn.Module):
         step: its position, an int or a (1,) long tensor on the model's device (decode.py's fast
         path counts steps on the device); the position comes from `step` alone, never from the
         cache's size (the fast path's cache is preallocated for every step: new_fixed_cache).
+        Every tensor it makes lies on the model's device, also from an int step.
         enc, enc_keep: one row per sentence, shared by rows / sentences consecutive hypothesis rows
         each (beam search), never copied per row; enc_keep is bool (True = a real token) or the
         same mask already additive (additive_mask; attention_mask takes either).

@@ -856,7 +856,8 @@ MUTATIONS += [
 # Right solutions written otherwise than the reference, each of which must pass its exercise's
 # grading (the reference itself is graded beside them, as a check of this test).
 # A fourth blind trial's escapes: tensors made on the CPU beside the model's device (caught on the
-# "meta" device), positions that never learn, and a finite penalty for a repeat.
+# "meta" device), positions that never learn, a finite penalty for a repeat, the E-step's two
+# models swapped, and the caller's word counts consumed.
 MUTATIONS += [
     wrong(2, "c", "the positions made on the CPU (torch.arange with no device)", "model.py",
           "pos = self.tgt_pos(torch.arange(t, device=lengths.device))",
@@ -864,6 +865,9 @@ MUTATIONS += [
     wrong(2, "c", "the position embeddings detached: they never learn", "model.py",
           "pos = self.tgt_pos(torch.arange(t, device=lengths.device))",
           "pos = self.tgt_pos(torch.arange(t, device=lengths.device)).detach()"),
+    wrong(3, "c", "an int step made into a CPU tensor (torch.as_tensor with no device)",
+          "model.py", "pos = self.tgt_pos.weight[step] * math.sqrt(self.cfg.d_model)",
+          "pos = self.tgt_pos(torch.as_tensor(step).view(1)) * math.sqrt(self.cfg.d_model)"),
     wrong(4, "c", "the length mask made on the CPU", "decode.py",
           "real = torch.arange(t, device=logp.device)[None, :] < lengths[:, None]",
           "real = torch.arange(t)[None, :] < lengths[:, None]"),
@@ -872,6 +876,12 @@ MUTATIONS += [
           "transition = (same & real[:, 1:, None, None]).float() * -1e4"),
     wrong(5, "c", "the window's offsets made on the CPU", "decode.py",
           "torch.arange(beam, device=center.device)", "torch.arange(beam)"),
+    loop("e_step given the NAR model before the AR model", "c",
+         ('run.e_step(f"em{i}-ar", prev_ar, prev_nar, i)',
+          'run.e_step(f"em{i}-ar", prev_nar, prev_ar, i)')),
+    bpe("the caller's word_counts emptied while reading them", "c",
+        ("words = {tuple(w[:-1]) + (w[-1] + END,): n for w, n in word_counts.items()}",
+         "words = {tuple(w[:-1]) + (w[-1] + END,): word_counts.pop(w) for w in list(word_counts)}")),
 ]
 
 

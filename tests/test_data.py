@@ -87,7 +87,9 @@ def test_bpe_merges_equal_brute_force(seed):
     words = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 7))) for _ in range(60)]
     counts = {word: rng.randint(1, 9) for word in words}
     counts["aaaa"] = 3
-    merges = learn_bpe(dict(counts), 80)
+    given = dict(counts)
+    merges = learn_bpe(given, 80)
+    assert given == counts, "word_counts is left as given"
     assert_each_merge_is_the_most_frequent_pair(counts, merges, 80)
     assert learn_bpe(dict(counts), 7) == merges[:7]
 

@@ -370,8 +370,8 @@ class StandInModel(types.SimpleNamespace):
 def loop_with_stand_in_stages(monkeypatch, iterations, distillation_targets=None, finished=()):
     """Run em_nat.em_loop on stand-in stages, E-step and distillation (no training, nothing else
     graded), and record what each stage is trained on (None: finished, its targets not computed),
-    starts from and is rescored by, and which models were loaded. The stand-in e_step reads the AR
-    and NAR models and the iteration number from its arguments, in whatever order they come."""
+    starts from and is rescored by, and which models were loaded. The stand-in e_step takes its
+    arguments as Run.e_step does: (stage, AR model, NAR model, iteration)."""
     calls, loaded, training = [], [], []
 
     class Run:
@@ -396,19 +396,21 @@ def loop_with_stand_in_stages(monkeypatch, iterations, distillation_targets=None
         def read_distillation_targets(self, path):
             return f"targets read from {path}"
 
-        def e_step(self, *args, **kwargs):
-            # The E-step of a stage: its AR and NAR models come as stage handles (loaded here, as
-            # Run.e_step loads them) or as models, with the iteration, in whatever order.
-            given = [a.model() if isinstance(a, types.SimpleNamespace) else a
-                     for a in list(args) + list(kwargs.values())]
-            models = {m.kind: m for m in given if isinstance(m, StandInModel)}
-            numbers = [a for a in given if isinstance(a, int) and not isinstance(a, bool)]
-            assert len(models) == 2 and len(numbers) == 1, \
-                f"e_step needs an AR model, a NAR model and the iteration: {given}"
-            assert all(a == training[-1] for a in given
-                       if isinstance(a, str) and a.startswith("em")), \
-                f"e_step's stage is the one it computes the targets of, {training[-1]}: {given}"
-            return f"Q of {models['ar']}, chosen by {models['nar']} (iteration {numbers[0]})"
+        def e_step(self, stage, ar, nar, iteration):
+            # Run.e_step's signature (positional or keyword): the stage it computes the targets
+            # of, the AR model that proposes Q, the NAR model that selects in it, the iteration.
+            # The models come as stage handles (loaded here, as Run.e_step loads them) or as
+            # models.
+            ar, nar = (m.model() if isinstance(m, types.SimpleNamespace) else m for m in (ar, nar))
+            call = f"e_step({stage!r}, {ar}, {nar}, {iteration!r})"
+            assert isinstance(ar, StandInModel) and ar.kind == "ar", \
+                f"e_step's second argument is the AR model that proposes Q: {call}"
+            assert isinstance(nar, StandInModel) and nar.kind == "nar", \
+                f"e_step's third argument is the NAR model that selects in Q: {call}"
+            assert isinstance(iteration, int) and not isinstance(iteration, bool), call
+            assert stage == training[-1], \
+                f"e_step's stage is the one it computes the targets of, {training[-1]}: {call}"
+            return f"Q of {ar}, chosen by {nar} (iteration {iteration})"
 
     monkeypatch.setattr(em_nat, "distil", lambda run, ar_model: f"outputs of {ar_model}")
     assert em_nat.em_loop(Run()) == "results"
