@@ -9,7 +9,7 @@ import torch
 from data import collate
 from decode import ar_greedy
 from model import BOS, NEVER_EMITTED, PAD, ModelConfig, Transformer, additive_mask
-from one_device import run_on_meta
+from one_device import PretendDevice, on_the_device
 from train import TrainConfig, train_model
 
 torch.set_num_threads(2)
@@ -229,16 +229,17 @@ def test_nar_decoder_input_has_dropout_in_train_mode_only():
 
 @pytest.mark.exercise(3)
 def test_cached_steps_stay_on_the_models_device():
-    # On the "meta" device every operation must take its tensors from one device, so a step made
-    # into a CPU tensor (torch.as_tensor(step) with no device) fails here as on an Apple GPU
-    # (tests/one_device.py; code that reads values on the host is graded by the other tests).
-    model = tiny("ar").to("meta")
+    # Every tensor the step makes lies on the model's device, from an int step too: a step made into
+    # a CPU tensor (torch.as_tensor(step) with no device) would meet the model's weights on a GPU
+    # (tests/one_device.py checks it on the CPU).
+    model = tiny("ar")
     with torch.no_grad():
-        enc, keep = model.encode(random_batch()[0].to("meta"))
-        cache, token = model.new_cache(), torch.full((3,), BOS, device="meta")
-        for step in (0, 1, torch.tensor([2], device="meta")):
-            logits = run_on_meta(model.ar_step, token, step, enc, keep, cache)
-            assert logits is None or (logits.device.type == "meta" and logits.shape == (3, 20))
+        enc, keep = model.encode(random_batch()[0])
+        cache, token = model.new_cache(), torch.full((3,), BOS)
+        for step in (0, 1, torch.tensor([2])):
+            with PretendDevice(model, token, enc, keep, step):
+                logits = model.ar_step(token, step, enc, keep, cache)
+            assert on_the_device(logits) and logits.shape == (3, 20)
 
 
 @pytest.mark.exercise(2)
@@ -252,16 +253,14 @@ def test_nar_decoder_input_trains_the_positions_and_stays_on_the_models_device()
     (out * torch.randn_like(out)).sum().backward()
     grad = model.tgt_pos.weight.grad
     assert grad is not None and grad[:5].abs().sum(1).gt(0).all() and grad[5:].eq(0).all()
-    # On the "meta" device every operation must take its tensors from one device: a tensor made on
-    # the CPU by mistake fails here as it would beside a GPU's (tests/one_device.py; code that
-    # reads values on the host cannot run there and is graded by the other tests).
-    model.to("meta")
-    with torch.no_grad():
-        enc, keep = model.encode(src.to("meta"))
+    # Every tensor it makes lies on the model's device: one made on the CPU by mistake would meet
+    # the model's on a GPU (tests/one_device.py checks it on the CPU).
+    lengths = torch.tensor([3, 5, 1])
     for train_mode in (False, True):
         model.train(train_mode)
-        out = run_on_meta(model.nar_states, torch.tensor([3, 5, 1], device="meta"), enc, keep, 5)
-        assert out is None or (out.device.type == "meta" and out.shape == (3, 5, model.cfg.d_model))
+        with torch.no_grad(), PretendDevice(model, lengths, enc, keep):
+            out = model.nar_states(lengths, enc, keep, 5)
+        assert on_the_device(out) and out.shape == (3, 5, model.cfg.d_model)
 
 
 @pytest.mark.exercise(1)
